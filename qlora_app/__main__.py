@@ -1,0 +1,3 @@
+from qlora_app.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The `qlora-app` command: parses arguments, then calls a stage. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from qlora_app import __version__, console
+from qlora_app.errors import UserError
+
+SET_HELP = "Override a recipe value, e.g. --set train.lr=1e-4 --set lora.r=16 (repeatable)."
+
+
+class App(click.Group):
+    """Turns UserError into one red line on stderr and exit code 2: never a traceback for user mistakes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            console.error(str(exc))
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            sys.exit(130)
+
+
+def overrides_option(fn):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(fn)
+
+
+def gpu_option(fn):
+    return click.option(
+        "--gpu-memory", type=click.FloatRange(min=1), default=24.0, show_default=True, metavar="GIB",
+        help="GPU memory to plan for, in GiB.",
+    )(fn)
+
+
+@click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qlora-app")
+def main() -> None:
+    """QLoRA fine-tuning on one GPU: train, merge and serve 7-8B models from named recipes.
+
+    Start with `qlora-app recipes`, then `qlora-app plan RECIPE` to see whether it fits your GPU.
+    """
+
+
+@main.command("recipes")
+@gpu_option
+def recipes_cmd(gpu_memory: float) -> None:
+    """List the shipped recipes with their model, method and planned peak VRAM."""
+    from qlora_app.plan_report import print_recipes
+
+    print_recipes(gpu_memory)
+
+
+@main.command("show")
+@click.argument("recipe")
+@overrides_option
+def show_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Print the resolved RECIPE (defaults filled in, overrides applied) as YAML.
+
+    RECIPE is a name from recipes/ or a path to a YAML file.
+    """
+    from qlora_app.recipe_loader import dump_recipe, load_recipe
+
+    console.out.print(dump_recipe(load_recipe(recipe, overrides)), markup=False, highlight=False, end="")
+
+
+@main.command("plan")
+@click.argument("recipe")
+@overrides_option
+@gpu_option
+@click.option("--compare", is_flag=True, help="Also show plain LoRA on a 16-bit base beside QLoRA.")
+def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare: bool) -> None:
+    """Estimate peak GPU memory of training RECIPE before anything loads.
+
+    Counts the 4-bit base with its quantization constants, the 16-bit parts, LoRA weights, gradients and
+    optimizer state, activations (with and without gradient checkpointing), logits and CUDA overhead,
+    then says whether it fits and the largest batch and sequence length that do.
+    RECIPE is a name from recipes/ or a path to a YAML file.
+    """
+    from qlora_app.plan_report import print_plan
+    from qlora_app.recipe_loader import load_recipe
+
+    print_plan(load_recipe(recipe, overrides), gpu_memory, compare)

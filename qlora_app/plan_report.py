@@ -1,0 +1,94 @@
+"""The `plan` and `recipes` commands' tables and verdicts, built from the planner's numbers."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from qlora_app import planner
+from qlora_app.architecture import Architecture, load_architecture
+from qlora_app.console import gib, out
+from qlora_app.errors import UserError
+from qlora_app.recipe import Recipe
+from qlora_app.recipe_loader import list_recipes, load_recipe
+
+GiB = planner.GiB
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def describe_method(recipe: Recipe) -> str:
+    q = recipe.quantization
+    if not q.enabled:
+        return f"LoRA ({SHORT_DTYPE[recipe.model.dtype]} base)"
+    return f"QLoRA {q.quant_type.upper()}{'+DQ' if q.double_quant else ''}"
+
+
+def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False) -> planner.MemoryPlan:
+    arch = load_architecture(recipe.model)
+    result = planner.plan(recipe, arch)
+    budget = int(gpu_gib * GiB)
+    t = recipe.train
+    out.print(
+        f"[bold]{recipe.name}[/]: {describe_method(recipe)}, LoRA r={recipe.lora.r} on "
+        f"{len(recipe.lora.target_modules)} projections ({result.trainable_params / 1e6:.1f}M trainable), "
+        f"batch {result.batch_size} x seq {result.seq_len}, gradient checkpointing "
+        f"{'on' if t.gradient_checkpointing else 'off'}, {t.optimizer}"
+    )
+    table = Table(title=f"Estimated peak GPU memory ({arch.total_params / 1e9:.2f}B-parameter base)")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    for label, value in result.rows():
+        table.add_row(label, gib(value))
+    table.add_row("[bold]total[/]", f"[bold]{gib(result.total)}[/]")
+    no_ckpt = planner.plan(recipe, arch, gradient_checkpointing=not t.gradient_checkpointing)
+    table.caption = (
+        f"with gradient checkpointing {'off' if t.gradient_checkpointing else 'on'}: "
+        f"activations {gib(no_ckpt.activations)} GiB, total {gib(no_ckpt.total)} GiB"
+    )
+    out.print(table)
+    out.print(verdict(recipe, arch, result, budget, gpu_gib))
+    if compare:
+        print_comparison(recipe, arch, budget, gpu_gib)
+    return result
+
+
+def verdict(recipe: Recipe, arch: Architecture, result: planner.MemoryPlan, budget: int, gpu_gib: float) -> str:
+    batch = planner.largest_batch(recipe, arch, budget)
+    seq = planner.largest_seq_len(recipe, arch, budget)
+    limits = (f"largest batch at seq {result.seq_len}: {batch}; "
+              f"largest seq at batch {result.batch_size}: {seq}")
+    if result.total <= budget:
+        return f"[bold green]fits[/] in {gpu_gib:g} GiB ({gib(budget - result.total)} GiB to spare); {limits}"
+    return f"[bold red]does not fit[/] in {gpu_gib:g} GiB (over by {gib(result.total - budget)} GiB); {limits}"
+
+
+def print_comparison(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> None:
+    lora = planner.as_lora(recipe)
+    qlora = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"enabled": True})})
+    table = Table(title=f"LoRA vs QLoRA for {recipe.name} on {gpu_gib:g} GiB")
+    table.add_column("")
+    table.add_column(describe_method(lora), justify="right")
+    table.add_column(describe_method(qlora), justify="right")
+    plans = [planner.plan(r, arch) for r in (lora, qlora)]
+    table.add_row("base weights (GiB)", *(gib(p.base_weights) for p in plans))
+    table.add_row(f"peak at batch {recipe.train.batch_size} (GiB)", *(gib(p.total) for p in plans))
+    table.add_row(
+        f"largest batch at seq {recipe.data.max_length}",
+        *(str(planner.largest_batch(r, arch, budget)) for r in (lora, qlora)),
+    )
+    table.add_row("fits as configured", *("yes" if p.total <= budget else "no" for p in plans))
+    out.print(table)
+
+
+def print_recipes(gpu_gib: float) -> None:
+    table = Table(title=f"Recipes (peak VRAM from the planner; fits = within {gpu_gib:g} GiB)")
+    for column in ("recipe", "model", "method", "VRAM GiB", "fits"):
+        table.add_column(column, justify="right" if column == "VRAM GiB" else "left", no_wrap=True)
+    for name in list_recipes():
+        try:
+            recipe = load_recipe(name)
+            total = planner.plan(recipe, load_architecture(recipe.model)).total
+            table.add_row(name, recipe.model.path, describe_method(recipe), gib(total),
+                          "yes" if total <= gpu_gib * GiB else "no")
+        except UserError as exc:
+            table.add_row(name, f"[red]invalid: {exc}[/]", "", "", "")
+    out.print(table)

@@ -1,0 +1,177 @@
+"""Peak GPU memory of a training run, from the recipe and the model's shape alone.
+
+Every term is counted in bytes from first principles, term by term, so that the table explains itself:
+
+- 4-bit base: bitsandbytes stores each quantized weight as packed 4-bit codes plus one absmax per block of
+  64 values (fp32, or with double quantization an 8-bit code per block plus an fp32 absmax per 256 blocks).
+  Embeddings, the output head, norms and the recipe's skip_modules stay in the model dtype; norms are
+  upcast to fp32 for stability by the train stage.
+- LoRA: adapters are fp32 (peft upcasts them over a 16-bit base): weights, gradients and optimizer state.
+- Activations: with gradient checkpointing each layer keeps only its input, and one layer's full set is
+  rebuilt during backward; without it every layer keeps everything. Attention is flash/memory-efficient
+  SDPA, so nothing grows with the square of the sequence.
+- Logits: the output head's logits, their fp32 copy for the loss and its gradient; for a 128k vocabulary
+  this is often the largest activation of all.
+- Overhead: CUDA context, cuBLAS workspace and the caching allocator's fragmentation.
+
+The activation coefficients were checked against measured peaks on an H100 (docs/gpu-measurements.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_app.architecture import Architecture
+from qlora_app.recipe import Recipe
+
+GiB = 1024**3
+BLOCK = 64  # bitsandbytes 4-bit block size
+NESTED_BLOCK = 256  # double quantization block size (over the absmax values)
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+OPTIMIZER_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
+LOGIT_BYTES_PER_ELEMENT = 12  # bf16 logits (2) + fp32 copy (4) + saved log-softmax (4) + bf16 grad (2)
+CUDA_CONTEXT = int(0.6 * GiB)
+FRAGMENTATION = 0.08  # share of dynamic (activation) memory lost to the caching allocator
+
+
+def nf4_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes bitsandbytes uses for one 4-bit weight of `numel` values, quantization state included."""
+    blocks = -(-numel // BLOCK)
+    packed = -(-numel // 2)
+    code = 16 * 4  # the 16-entry NF4/FP4 table, fp32
+    if not double_quant:
+        return packed + blocks * 4 + code
+    nested_blocks = -(-blocks // NESTED_BLOCK)
+    return packed + blocks + nested_blocks * 4 + 256 * 4 + 4 + code  # 8-bit absmax, nested absmax, table, offset
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    base_quantized: int
+    base_16bit: int
+    lora_weights: int
+    lora_gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+    overhead: int
+    batch_size: int
+    seq_len: int
+    trainable_params: int
+
+    @property
+    def base_weights(self) -> int:
+        return self.base_quantized + self.base_16bit
+
+    @property
+    def total(self) -> int:
+        return (self.base_weights + self.lora_weights + self.lora_gradients + self.optimizer_state
+                + self.activations + self.logits + self.overhead)
+
+    def rows(self) -> list[tuple[str, int]]:
+        labels = {
+            "base_quantized": "base weights, 4-bit (incl. quantization constants)",
+            "base_16bit": "base weights, 16-bit (embeddings, head, norms, skipped)",
+            "lora_weights": "LoRA weights (fp32)",
+            "lora_gradients": "LoRA gradients (fp32)",
+            "optimizer_state": "optimizer state",
+            "activations": "activations",
+            "logits": "logits and loss",
+            "overhead": "CUDA context, workspace, fragmentation",
+        }
+        return [(label, getattr(self, key)) for key, label in labels.items()]
+
+
+def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, seq_len: int | None = None,
+         gradient_checkpointing: bool | None = None) -> MemoryPlan:
+    batch = batch_size or recipe.train.batch_size
+    seq = seq_len or recipe.data.max_length
+    checkpointing = recipe.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    quantized, sixteen = base_weight_bytes(recipe, arch)
+    trainable = lora_params(recipe, arch)
+    tokens = batch * seq
+    activations = tokens * activation_bytes_per_token(recipe, arch, checkpointing)
+    logits = tokens * arch.vocab * LOGIT_BYTES_PER_ELEMENT
+    transient = 2 * max(i * o for i, o in arch.linear_shapes().values()) * 2 if recipe.quantization.enabled else 0
+    overhead = CUDA_CONTEXT + transient + int(FRAGMENTATION * (activations + logits))
+    return MemoryPlan(
+        base_quantized=quantized,
+        base_16bit=sixteen,
+        lora_weights=trainable * 4,
+        lora_gradients=trainable * 4,
+        optimizer_state=trainable * OPTIMIZER_STATE_BYTES[recipe.train.optimizer],
+        activations=activations,
+        logits=logits,
+        overhead=overhead,
+        batch_size=batch,
+        seq_len=seq,
+        trainable_params=trainable,
+    )
+
+
+def base_weight_bytes(recipe: Recipe, arch: Architecture) -> tuple[int, int]:
+    """(4-bit bytes, 16/32-bit bytes) of the frozen base as loaded for training."""
+    q = recipe.quantization
+    width = DTYPE_BYTES[recipe.model.dtype]
+    skipped = set(q.skip_modules)
+    quantized = sixteen = 0
+    for name, (i, o) in arch.linear_shapes().items():
+        if q.enabled and name not in skipped:
+            quantized += arch.layers * nf4_bytes(i * o, q.double_quant)
+        else:
+            sixteen += arch.layers * i * o * width
+    heads = 1 if arch.tied_embeddings else 2
+    if q.enabled and "lm_head" not in skipped and not arch.tied_embeddings:
+        quantized += nf4_bytes(arch.embedding_params, q.double_quant)
+        heads = 1
+    sixteen += heads * arch.embedding_params * width
+    sixteen += arch.norm_params * (4 if q.enabled else width)
+    return quantized, sixteen
+
+
+def lora_params(recipe: Recipe, arch: Architecture) -> int:
+    shapes = arch.linear_shapes()
+    r = recipe.lora.r
+    return arch.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in recipe.lora.target_modules if m in shapes)
+
+
+def activation_bytes_per_token(recipe: Recipe, arch: Architecture, checkpointing: bool) -> int:
+    """Bytes kept for backward per token across all layers (bf16 activations)."""
+    full = layer_activation_bytes_per_token(recipe, arch)
+    if checkpointing:
+        return arch.layers * arch.hidden * 2 + full  # every layer's input, plus one layer rebuilt
+    return arch.layers * full + arch.hidden * 2
+
+
+def layer_activation_bytes_per_token(recipe: Recipe, arch: Architecture) -> int:
+    h, f = arch.hidden, arch.intermediate
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    norms = 2 * (4 * h + 2 * h)  # RMSNorm keeps its fp32 input and its 16-bit output
+    attention = 2 * (q + 2 * kv) + 2 * (q + kv) + 2 * q  # q/k/v, q/k after RoPE, attention output
+    mlp = 4 * 2 * f  # gate, SiLU(gate), up, and their product
+    shapes = arch.linear_shapes()
+    per_input = 4 + (3 if recipe.lora.dropout > 0 else 0)  # fp32 cast of the input; dropout mask and output
+    lora = sum(per_input * shapes[m][0] + 4 * recipe.lora.r for m in recipe.lora.target_modules if m in shapes)
+    return norms + attention + mlp + lora
+
+
+def largest_batch(recipe: Recipe, arch: Architecture, budget: int, seq_len: int | None = None) -> int:
+    """Largest micro-batch whose plan fits in `budget` bytes (0 when not even one sequence fits)."""
+    one = plan(recipe, arch, batch_size=1, seq_len=seq_len)
+    two = plan(recipe, arch, batch_size=2, seq_len=seq_len)
+    per_sample = two.total - one.total
+    return max(0, (budget - (one.total - per_sample)) // per_sample)
+
+
+def largest_seq_len(recipe: Recipe, arch: Architecture, budget: int, multiple: int = 64) -> int:
+    """Largest sequence length (a multiple of 64) that fits at the recipe's batch size."""
+    a = plan(recipe, arch, seq_len=multiple)
+    b = plan(recipe, arch, seq_len=2 * multiple)
+    per_step = b.total - a.total
+    steps = (budget - (a.total - per_step)) // per_step
+    return int(max(0, steps) * multiple)
+
+
+def as_lora(recipe: Recipe) -> Recipe:
+    """The same recipe with the quantization section switched off (plain LoRA on a 16-bit base)."""
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"enabled": False})})

@@ -1,0 +1,150 @@
+"""The recipe: one frozen, typed object that every stage receives.
+
+Only qlora_app.recipe_loader reads YAML; everything else takes a Recipe. Unknown keys are errors (a typo
+must never silently fall back to a default), and defaults are what a 24 GB GPU wants for a 7-8B model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+# The Llama/Mistral projection names, attention first.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = ATTENTION_MODULES + MLP_MODULES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSpec(Section):
+    """The base model."""
+
+    path: str = Field(
+        description="Hub id (org/name), a local directory, or 'builtin:NAME' for a model built locally."
+    )
+    revision: str = Field("main", description="Hub revision; pin a commit sha for reproducible runs.")
+    dtype: Dtype = Field("bfloat16", description="Dtype of the weights that are not quantized.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless needed.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for base models that have none (replaces the tokenizer's)."
+    )
+
+
+class QuantizationSpec(Section):
+    """4-bit loading of the base (QLoRA). enabled: false trains plain LoRA on a 16-bit base."""
+
+    enabled: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "bfloat16"
+    skip_modules: tuple[str, ...] = Field(
+        ("lm_head",),
+        description="Selective quantization: modules kept in 16-bit (the output head by default).",
+    )
+
+
+class LoraSpec(Section):
+    r: int = Field(64, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(ALL_LINEAR, min_length=1)
+    bias: Literal["none"] = "none"
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+
+DataFormat = Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion"]
+
+
+class DataSpec(Section):
+    source: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.")
+    format: DataFormat = "auto"
+    split: str = "train"
+    eval_split: str | None = Field(None, description="A named held-out split; else eval_fraction is used.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(1024, ge=16)
+    packing: bool = True
+
+
+Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
+Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+class TrainSpec(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    lr: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Scheduler = "constant_with_warmup"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.001, ge=0)
+    max_grad_norm: float = Field(0.3, gt=0)
+    optimizer: Optimizer = "paged_adamw_32bit"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    log_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(3, ge=1)
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ("tensorboard",)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+class MergeSpec(Section):
+    dtype: Dtype = "bfloat16"
+    base_weights: Literal["original", "dequantized"] = Field(
+        "original", description="Merge into the original 16-bit weights, or into dequant(NF4), the ones trained on."
+    )
+    max_shard_size: str = "5GB"
+    max_loss_increase: float = Field(0.01, ge=0, description="Allowed relative held-out loss increase.")
+
+
+class ServeSpec(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_model_len: int | None = Field(None, ge=16, description="Defaults to data.max_length.")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
+    base_quantization: Literal["none", "bitsandbytes"] = Field(
+        "bitsandbytes", description="In adapter mode, load the shared base 4-bit (GPU only)."
+    )
+    max_loras: int = Field(4, ge=1)
+    adapters: dict[str, str] = Field(default_factory=dict, description="Model id -> run directory.")
+
+
+class Recipe(Section):
+    name: str
+    description: str = ""
+    model: ModelSpec
+    quantization: QuantizationSpec = QuantizationSpec()
+    lora: LoraSpec = LoraSpec()
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    merge: MergeSpec = MergeSpec()
+    serve: ServeSpec = ServeSpec()
+
+    @property
+    def method(self) -> Literal["qlora", "lora"]:
+        return "qlora" if self.quantization.enabled else "lora"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.serve.max_model_len or self.data.max_length
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Recipe:
+        if self.data.eval_split is None and self.data.eval_fraction == 0:
+            raise ValueError("data needs a held-out set: set data.eval_fraction > 0 or data.eval_split")
+        return self

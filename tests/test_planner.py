@@ -1,0 +1,137 @@
+"""The planner's figures against the real libraries: bitsandbytes' 4-bit footprint and peft's LoRA size."""
+
+import pytest
+import torch
+
+from qlora_app import planner
+from qlora_app.architecture import Architecture
+from qlora_app.recipe_loader import load_recipe
+
+# Llama shapes small enough to quantize on CPU, from embedding-heavy to projection-heavy, MHA and GQA.
+SHAPES = {
+    "gqa-wide": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=3, num_attention_heads=16,
+                     num_key_value_heads=4, vocab_size=2048),
+    "mha-llama2-like": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                            num_key_value_heads=12, vocab_size=8000),
+    "big-vocab": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=32000),
+}
+
+
+def build_llama(tmp_path, shape: dict) -> tuple[str, Architecture]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    return str(tmp_path), Architecture.from_config(config.to_dict())
+
+
+def real_footprint(model) -> int:
+    """Bytes of every distinct tensor the loaded model holds: parameters, buffers and 4-bit quant state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            tensors += [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def load_4bit(path: str, double_quant: bool, skip: list[str]):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip,
+    )
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16,
+                                                device_map="cpu")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize(
+    ("double_quant", "skip"), [(True, ["lm_head"]), (False, ["lm_head"]), (True, ["lm_head", "down_proj"])],
+    ids=["nf4-dq", "nf4", "selective"],
+)
+def test_base_weight_figure_matches_bitsandbytes_within_5_percent(tmp_path, shape, double_quant, skip):
+    path, arch = build_llama(tmp_path, SHAPES[shape])
+    model = load_4bit(path, double_quant, skip)
+    recipe = load_recipe("tiny", [f"quantization.double_quant={str(double_quant).lower()}",
+                                  f"quantization.skip_modules=[{','.join(skip)}]"])
+    quantized, sixteen = planner.base_weight_bytes(recipe, arch)
+    sixteen -= arch.norm_params * 2  # the planner counts norms as fp32 (upcast for training); loaded they are bf16
+    real = real_footprint(model)
+    assert quantized + sixteen == pytest.approx(real, rel=0.05)
+    # and the 4-bit part on its own, the figure the planner is really about
+    real_4bit = real_footprint(model) - sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if p.dtype != torch.uint8)
+    assert quantized == pytest.approx(real_4bit, rel=0.05)
+
+
+def test_lora_parameter_count_matches_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe("tiny")
+    arch = Architecture.from_config(__import__("json").loads((tiny_model_dir / "config.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
+                                                  target_modules=list(recipe.lora.target_modules)))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert planner.lora_params(recipe, arch) == trainable
+
+
+def test_nf4_bytes_is_about_4_13_bits_per_weight_with_double_quant():
+    n = 4096 * 14336
+    assert planner.nf4_bytes(n, True) * 8 / n == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=0.01)
+    assert planner.nf4_bytes(n, False) * 8 / n == pytest.approx(4.5, abs=0.01)
+
+
+def test_llama3_8b_figures():
+    recipe = load_recipe("llama3-8b")
+    from qlora_app.architecture import load_architecture
+
+    arch = load_architecture(recipe.model)
+    assert arch.total_params == pytest.approx(8.03e9, rel=0.01)
+    p = planner.plan(recipe, arch)
+    assert p.trainable_params == 167_772_160  # r=64 on all seven projections of 32 layers
+    lora = planner.plan(planner.as_lora(recipe), arch)
+    assert lora.base_weights / 2**30 == pytest.approx(14.96, abs=0.05)  # 8.03B x 2 bytes
+    assert p.base_weights < 0.36 * lora.base_weights
+
+
+def test_checkpointing_cuts_activations_and_planner_is_linear_in_batch():
+    from qlora_app.architecture import load_architecture
+
+    recipe = load_recipe("llama3-8b")
+    arch = load_architecture(recipe.model)
+    on = planner.plan(recipe, arch, gradient_checkpointing=True)
+    off = planner.plan(recipe, arch, gradient_checkpointing=False)
+    assert off.activations > 10 * on.activations
+    budget = 24 * 2**30
+    best = planner.largest_batch(recipe, arch, budget)
+    assert planner.plan(recipe, arch, batch_size=best).total <= budget < planner.plan(
+        recipe, arch, batch_size=best + 1).total
+    seq = planner.largest_seq_len(recipe, arch, budget)
+    assert planner.plan(recipe, arch, seq_len=seq).total <= budget < planner.plan(recipe, arch, seq_len=seq + 64).total
+
+
+def test_readme_recipe_table_matches_the_planner():
+    import re
+    from pathlib import Path
+
+    from qlora_app.architecture import load_architecture
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `([\w.-]+)` \|.*\| ([\d.]+) \|$", readme, flags=re.M)
+    assert len(rows) >= 4
+    for name, figure in rows:
+        recipe = load_recipe(name)
+        assert f"{planner.plan(recipe, load_architecture(recipe.model)).total / 2**30:.2f}" == figure, name

@@ -1,0 +1,123 @@
+import pytest
+import yaml
+
+from qlora_app.errors import UserError
+from qlora_app.recipe import ALL_LINEAR
+from qlora_app.recipe_loader import dump_recipe, list_recipes, load_recipe, recipes_dir
+
+
+def test_shipped_recipes_are_all_there():
+    assert {"llama3-8b", "llama2-7b", "mistral-7b", "tiny"} <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+    assert not recipe.model.trust_remote_code
+
+
+def test_llama3_recipe_has_the_articles_settings():
+    r = load_recipe("llama3-8b")
+    assert r.method == "qlora"
+    q = r.quantization
+    assert (q.quant_type, q.double_quant, q.compute_dtype) == ("nf4", True, "bfloat16")
+    assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (64, 16, 0.1)
+    assert r.lora.target_modules == ALL_LINEAR
+    assert (r.data.max_length, r.train.optimizer, r.train.lr) == (1024, "paged_adamw_32bit", 2e-4)
+
+
+def test_llama2_recipe_is_attention_only_with_batch_4x4():
+    r = load_recipe("llama2-7b")
+    assert (r.lora.r, r.lora.alpha, r.lora.target_modules) == (16, 32, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert (r.data.max_length, r.train.batch_size, r.train.grad_accum) == (512, 4, 4)
+
+
+def test_lora_variant_switches_quantization_off():
+    assert load_recipe("llama3-8b-lora").method == "lora"
+
+
+def test_tiny_recipe_points_at_shipped_data():
+    r = load_recipe("tiny")
+    assert r.model.path == "builtin:tiny-llama"
+    from pathlib import Path
+
+    assert Path(r.data.source).is_file() and Path(r.data.eval_split).is_file()
+
+
+def test_overrides_are_typed_and_validated():
+    r = load_recipe("llama3-8b", ["train.lr=1e-4", "lora.r=16", "lora.target_modules=[q_proj,v_proj]",
+                                  "quantization.enabled=false"])
+    assert r.train.lr == pytest.approx(1e-4)
+    assert r.lora.r == 16
+    assert r.lora.target_modules == ("q_proj", "v_proj")
+    assert r.method == "lora"
+
+
+def test_show_round_trips(tmp_path):
+    r = load_recipe("llama2-7b", ["train.seed=7"])
+    path = tmp_path / "copy.yaml"
+    path.write_text(dump_recipe(r))
+    again = load_recipe(str(path))
+    assert again == r
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["lora.rank=8"], "unknown key 'lora.rank' (did you mean 'r'?)"),
+        (["trian.lr=1e-4"], "unknown key 'trian' (did you mean 'train'?)"),
+        (["train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["lora.dropout=1.5"], "lora.dropout: Input should be less than 1 (got 1.5)"),
+        (["quantization.quant_type=nf8"], "Input should be 'nf4' or 'fp4' (got 'nf8')"),
+        (["train.optimizer=sgd"], "'paged_adamw_32bit', 'paged_adamw_8bit', 'adamw_torch' or 'adamw_8bit'"),
+        (["data.eval_split=null", "data.eval_fraction=0"], "data needs a held-out set"),
+        (["lora"], "expected section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(overrides, expected):
+    with pytest.raises(UserError) as info:
+        load_recipe("llama3-8b", overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(UserError) as info:
+        load_recipe("llama3-8b", ["lora.r=0", "train.batch_size=0"])
+    assert "lora.r" in str(info.value) and "train.batch_size" in str(info.value)
+
+
+def test_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(UserError) as info:
+        load_recipe("lama3-8b")
+    message = str(info.value)
+    assert "unknown recipe 'lama3-8b' (did you mean 'llama3-8b'?)" in message
+    assert "llama2-7b" in message and "tiny" in message
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    raw = yaml.safe_load((recipes_dir() / "llama3-8b.yaml").read_text())
+    raw["train"]["learning_rate"] = 1e-4
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError) as info:
+        load_recipe(str(path))
+    assert f"{path}: unknown key 'train.learning_rate'" in str(info.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  path: x\ndata:\n  source: [unclosed\n  format: text\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(str(path))
+    assert str(info.value).startswith(f"{path}:5:")
+    assert "malformed YAML" in str(info.value)
+
+
+def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"text": "hi"}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: builtin:tiny-llama}\ndata: {source: ./data.jsonl}\n")
+    assert load_recipe(str(path)).data.source == str(tmp_path / "data.jsonl")
