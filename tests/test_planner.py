@@ -135,3 +135,21 @@ def test_readme_recipe_table_matches_the_planner():
     for name, figure in rows:
         recipe = load_recipe(name)
         assert f"{planner.plan(recipe, load_architecture(recipe.model)).total / 2**30:.2f}" == figure, name
+
+
+@pytest.mark.parametrize("measurement", ["h100-llama3-8b-qlora.json", "h100-llama3-8b-lora-bf16.json"])
+def test_planner_matches_peaks_measured_on_a_gpu(measurement):
+    """docs/gpu-measurements.md: device peaks measured on an H100, checked against today's planner."""
+    import json
+    from pathlib import Path
+
+    from qlora_app.architecture import load_architecture
+
+    data = json.loads((Path(__file__).resolve().parent.parent / "docs" / "measurements" / measurement).read_text())
+    recipe = load_recipe(data["recipe"])
+    arch = load_architecture(recipe.model)
+    for point in data["points"]:
+        measured = point["peak_reserved"] + point["context"]
+        planned = planner.plan(recipe, arch, batch_size=point["batch"], seq_len=point["seq"],
+                               gradient_checkpointing=point["checkpointing"]).total
+        assert planned == pytest.approx(measured, rel=0.05), point

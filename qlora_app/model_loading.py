@@ -1,0 +1,97 @@
+"""Loading the base model as a recipe says, and preparing it for LoRA training.
+
+Shared by the train stage and the GPU benchmarks, so what the benchmarks measure is what training runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qlora_app import hub, tiny_model
+from qlora_app.recipe import ModelSpec, Recipe
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, PreTrainedModel
+
+
+def model_location(model: ModelSpec) -> str:
+    """What from_pretrained should be given: a built-in model's folder, a local folder, or a hub id."""
+    return str(tiny_model.materialize(model.path)) if tiny_model.is_builtin(model.path) else model.path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def quantization_config(recipe: Recipe) -> BitsAndBytesConfig | None:
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    if not q.enabled:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        llm_int8_skip_modules=list(q.skip_modules),
+    )
+
+
+def default_device_map():
+    import torch
+
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def load_base(recipe: Recipe) -> PreTrainedModel:
+    """The base model for training: 4-bit (QLoRA) or 16-bit (LoRA), on the GPU when there is one."""
+    from transformers import AutoModelForCausalLM
+
+    spec = recipe.model
+    with hub.hub_errors(spec.path, spec.revision):
+        return AutoModelForCausalLM.from_pretrained(
+            model_location(spec),
+            revision=spec.revision,
+            dtype=torch_dtype(spec.dtype),
+            quantization_config=quantization_config(recipe),
+            device_map=default_device_map(),
+            trust_remote_code=spec.trust_remote_code,
+            use_safetensors=True,
+        )
+
+
+def prepare_for_training(model: PreTrainedModel, recipe: Recipe) -> None:
+    """Freeze the base, keep norms in fp32, and turn on gradient checkpointing as the recipe says.
+
+    Unlike peft's prepare_model_for_kbit_training, embeddings and the output head stay in 16-bit: they are
+    frozen, and upcasting them costs 2 GiB on Llama 3 8B (128k vocabulary) for no gain in stability.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad = False
+        if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    model.config.use_cache = False
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def lora_config(recipe: Recipe) -> LoraConfig:
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
