@@ -33,6 +33,7 @@ ARCHITECTURES = {
 }
 VOCAB_SIZE = 1024
 SEED = 0
+LM_HEAD_STD = 0.5
 
 
 def is_builtin(path: str) -> bool:
@@ -56,7 +57,7 @@ def materialize(path: str) -> Path:
     """Return the directory of a built-in model, building it on first use (atomically)."""
     name = builtin_name(path)
     corpus = _corpus()
-    key = hashlib.sha256(json.dumps([ARCHITECTURES[name], VOCAB_SIZE, SEED, corpus]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([ARCHITECTURES[name], VOCAB_SIZE, SEED, LM_HEAD_STD, corpus]).encode()).hexdigest()[:12]
     target = cache_root() / "builtin" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -90,7 +91,12 @@ def _build(name: str, corpus: list[str], out: Path) -> None:
         **ARCHITECTURES[name],
     )
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    # A trained model's output head spans a wide range of logits; a freshly initialised one (std 0.02) cannot
+    # express a confident prediction behind a fixed final norm, so no adapter could make it memorize anything.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=LM_HEAD_STD)
+    model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
 

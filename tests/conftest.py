@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,30 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         [sys.executable, "-m", "qlora_app", *args],
         capture_output=True, text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})}, timeout=600,
     )
+
+
+SECRET = "hf_TESTSECRETdoNotLeak123456789"
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    path: Path
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir) -> TrainedRun:
+    """The tiny recipe trained once per session with the real CLI; later stages' tests reuse it.
+
+    HF_TOKEN holds a recognisable fake secret so tests can prove it never lands in outputs.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    result = run_cli("train", "tiny", "--runs-dir", str(root), env={"HF_TOKEN": SECRET})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return TrainedRun((root / "tiny" / "latest").resolve(), result.stdout, result.stderr)
+
+
+def tiny_facts(name: str = "capitals.jsonl") -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in (REPO / "data" / "tiny" / name).read_text().splitlines() if line.strip()]
+    return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]

@@ -1,0 +1,97 @@
+"""Trainer callbacks: a progress bar, a metrics log, checkpoint completion markers, and a clean stop on signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+from qlora_app.console import err
+from qlora_app.run_dir import COMPLETE_MARKER
+
+
+class ProgressBar(TrainerCallback):
+    """One rich bar: step, loss, eval loss, tokens/s, elapsed and remaining time."""
+
+    def __init__(self, tokens_per_step: float):
+        self.tokens_per_step = tokens_per_step
+        self.progress: Progress | None = None
+        self.task = None
+        self.loss = self.eval_loss = float("nan")
+        self.start_time = self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, stats="")
+        self.start_time, self.start_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        steps = state.global_step - self.start_step
+        rate = steps * self.tokens_per_step / max(time.perf_counter() - self.start_time, 1e-9)
+        self.progress.update(self.task, completed=state.global_step,
+                             stats=f"loss {self.loss:.4f}  eval {self.eval_loss:.4f}  {rate:,.0f} tok/s")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.loss = logs.get("loss", self.loss)
+        self.eval_loss = logs.get("eval_loss", self.eval_loss)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.stop()
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every log record to metrics.jsonl (a resumed run continues the same file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **(logs or {})}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it, so a crash mid-save is detectable."""
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+
+
+class GracefulStop(TrainerCallback):
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, stop. A second signal stops at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        err.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                  "(resume with --resume)[/]")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True

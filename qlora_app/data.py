@@ -1,0 +1,245 @@
+"""Training data: read, detect the format, validate every record, normalize.
+
+Runs before any weights load, so a bad file costs seconds, not a model download. Every record becomes one of
+two shapes: {"messages": [{"role", "content"}, ...]} for chat-like data (messages, ShareGPT, Alpaca,
+prompt/completion) or {"text": str} for plain text. Errors name the file and line (or record) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_app import hub
+from qlora_app.errors import UserError
+from qlora_app.recipe import DataSpec
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+FORMAT_COLUMNS = {  # detection order matters: the first whose columns are all present wins
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Records:
+    """Normalized records of one split, with where they came from (for errors and the manifest)."""
+
+    rows: list[dict[str, Any]]
+    format: str
+    origin: str
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for row in self.rows:
+            digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        return digest.hexdigest()
+
+
+def load_splits(spec: DataSpec) -> tuple[Records, Records]:
+    """(train, eval) records, validated and normalized."""
+    train_raw, origin = read_source(spec.source, spec.split)
+    fmt = detect_format(spec.format, train_raw, origin)
+    train = normalize(train_raw, fmt, origin)
+    if spec.eval_split:
+        eval_raw, eval_origin = read_source(spec.source, spec.eval_split) if not _is_local(spec.eval_split) \
+            else read_source(spec.eval_split, "train")
+        return train, normalize(eval_raw, detect_format(spec.format, eval_raw, eval_origin), eval_origin)
+    return split_off_eval(train, spec.eval_fraction)
+
+
+def split_off_eval(records: Records, fraction: float) -> tuple[Records, Records]:
+    """Hold out a deterministic `fraction` of the records (at least one)."""
+    import random
+
+    order = list(range(len(records.rows)))
+    random.Random(0).shuffle(order)
+    n_eval = max(1, round(fraction * len(order)))
+    if n_eval >= len(order):
+        raise UserError(f"{records.origin}: {len(order)} examples are too few to hold out {fraction:.0%} for eval")
+    held = set(order[:n_eval])
+    keep = [r for i, r in enumerate(records.rows) if i not in held]
+    out = [r for i, r in enumerate(records.rows) if i in held]
+    return (Records(keep, records.format, records.origin),
+            Records(out, records.format, f"{records.origin} (held-out {fraction:.0%})"))
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", ".")) or Path(source).suffix in LOCAL_SUFFIXES
+
+
+def read_source(source: str, split: str) -> tuple[list[tuple[str, dict]], str]:
+    """Raw records as (location, record) pairs; location is 'file:line' or 'split[index]' for errors."""
+    if _is_local(source):
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"data file {source} does not exist")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"data file {source}: unsupported type '{path.suffix}'; use {', '.join(LOCAL_SUFFIXES)}")
+        readers: dict[str, Callable[[Path], list[tuple[str, dict]]]] = {
+            ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_table, ".parquet": _read_table}
+        rows = readers[path.suffix](path)
+        origin = str(path)
+    else:
+        rows = _read_hub(source, split)
+        origin = f"{source} [{split}]"
+    if not rows:
+        raise UserError(f"{origin}: the dataset is empty")
+    return rows, origin
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            rows.append((f"{path}:{number}", record))
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return [(f"{path} record {i + 1}", r) for i, r in enumerate(data)]
+
+
+def _read_table(path: Path) -> list[tuple[str, dict]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
+    except Exception as exc:  # pandas and pyarrow raise many types for a broken file
+        raise UserError(f"{path}: cannot read {path.suffix[1:]} ({str(exc).splitlines()[0]})") from None
+    offset = 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
+    return [(f"{path}:{i + offset}" if path.suffix == ".csv" else f"{path} row {i + 1}", r)
+            for i, r in enumerate(frame.to_dict(orient="records"))]
+
+
+def _read_hub(dataset_id: str, split: str) -> list[tuple[str, dict]]:
+    import datasets
+
+    with hub.hub_errors(dataset_id, kind="dataset"):
+        try:
+            ds = datasets.load_dataset(dataset_id, split=split)
+        except ValueError as exc:
+            if "split" in str(exc).lower():
+                raise UserError(f"dataset {dataset_id} has no split '{split}': {str(exc).splitlines()[0]}") from None
+            raise
+        except (FileNotFoundError, ConnectionError) as exc:
+            raise UserError(f"cannot load dataset {dataset_id}: {str(exc).splitlines()[0]}") from None
+    return [(f"{dataset_id} [{split}] record {i}", r) for i, r in enumerate(ds)]
+
+
+def detect_format(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str:
+    columns = list(rows[0][1])
+    if wanted != "auto":
+        missing = [c for c in FORMAT_COLUMNS[wanted] if c not in columns]
+        if missing:
+            raise UserError(f"{origin}: format '{wanted}' needs column(s) {', '.join(missing)}; "
+                            f"columns found: {', '.join(columns)}")
+        return wanted
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return fmt
+    expected = "; ".join(f"{fmt}: {'+'.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
+    raise UserError(f"{origin}: no known data format in columns {', '.join(columns)} (expected {expected})")
+
+
+def normalize(rows: list[tuple[str, dict]], fmt: str, origin: str) -> Records:
+    convert = CONVERTERS[fmt]
+    out = []
+    for where, record in rows:
+        for column in FORMAT_COLUMNS[fmt]:
+            if column not in record:
+                raise UserError(f"{where}: missing column '{column}' (columns found: {', '.join(record)})")
+        try:
+            out.append(convert(record))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise UserError(f"{where}: {exc}") from None
+    return Records(out, "text" if fmt == "text" else "chat", origin)
+
+
+def _from_messages(record: dict) -> dict:
+    return {"messages": _check_turns(record["messages"], role_key="role", content_key="content")}
+
+
+def _from_sharegpt(record: dict) -> dict:
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise TypeError("'conversations' must be a list of {from, value} turns")
+    mapped = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"conversations[{i}] must have 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise ValueError(f"conversations[{i}]: unknown speaker '{turn['from']}'")
+        mapped.append({"role": role, "content": turn["value"]})
+    return {"messages": _check_turns(mapped, "role", "content")}
+
+
+def _from_alpaca(record: dict) -> dict:
+    instruction, extra, output = record["instruction"], record.get("input") or "", record["output"]
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return {"messages": _check_turns([{"role": "user", "content": prompt},
+                                      {"role": "assistant", "content": output}], "role", "content")}
+
+
+def _from_prompt_completion(record: dict) -> dict:
+    return {"messages": _check_turns([{"role": "user", "content": record["prompt"]},
+                                      {"role": "assistant", "content": record["completion"]}], "role", "content")}
+
+
+def _from_text(record: dict) -> dict:
+    text = record["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("'text' must be a non-empty string")
+    return {"text": text}
+
+
+def _check_turns(turns: Any, role_key: str, content_key: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise TypeError("messages must be a non-empty list of {role, content} turns")
+    clean = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise ValueError(f"turn {i} must have '{role_key}' and '{content_key}'")
+        if turn[role_key] not in ROLES:
+            raise ValueError(f"turn {i}: role '{turn[role_key]}' is not one of {', '.join(ROLES)}")
+        if not isinstance(turn[content_key], str) or not turn[content_key].strip():
+            raise ValueError(f"turn {i} ({turn[role_key]}): content must be a non-empty string")
+        clean.append({"role": turn[role_key], "content": turn[content_key]})
+    if not any(t["role"] == "assistant" for t in clean):
+        raise ValueError("no assistant turn to learn from")
+    return clean
+
+
+CONVERTERS: dict[str, Callable[[dict], dict]] = {
+    "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion, "text": _from_text,
+}
+

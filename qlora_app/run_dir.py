@@ -1,0 +1,105 @@
+"""The run directory: the contract between stages.
+
+runs/<recipe>/<run-id>/
+  recipe.yaml        the resolved recipe the run used (later stages read it back, never the original file)
+  adapter/           the LoRA adapter (peft format) with the tokenizer and chat template used in training
+  checkpoints/       resumable Trainer checkpoints; a complete one holds the COMPLETE marker
+  tensorboard/       TensorBoard logs
+  metrics.jsonl      every logged step (loss, lr, eval loss, tokens/s)
+  loss_curve.png     train and eval loss
+  manifest.json      versions, git commit, data fingerprint, timings, memory, losses
+runs/<recipe>/latest -> <run-id>
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from qlora_app.errors import UserError
+from qlora_app.recipe import Recipe
+from qlora_app.recipe_loader import dump_recipe, load_recipe
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def runs_root(explicit: str | os.PathLike | None = None) -> Path:
+    return Path(explicit or os.environ.get("QLORA_RUNS_DIR") or "runs")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    recipe_file = property(lambda self: self.path / "recipe.yaml")
+    adapter = property(lambda self: self.path / "adapter")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    loss_curve = property(lambda self: self.path / "loss_curve.png")
+    manifest = property(lambda self: self.path / "manifest.json")
+
+    @classmethod
+    def create(cls, recipe: Recipe, root: Path) -> RunDir:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        base = root / recipe.name
+        base.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=base))  # unique even for two runs in one second
+        path.chmod(0o755)
+        run = cls(path)
+        write_text_atomic(run.recipe_file, dump_recipe(recipe))
+        point_latest(base, path.name)
+        return run
+
+    def recipe(self) -> Recipe:
+        if not self.recipe_file.is_file():
+            raise UserError(f"{self.path} is not a run directory (no recipe.yaml)")
+        return load_recipe(str(self.recipe_file))
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoints that finished saving, oldest first."""
+        found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+    def incomplete_checkpoints(self) -> list[Path]:
+        return [p for p in self.checkpoints.glob("checkpoint-*") if not (p / COMPLETE_MARKER).is_file()]
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest.read_text()) if self.manifest.is_file() else {}
+
+    @property
+    def finished(self) -> bool:
+        return self.read_manifest().get("status") == "finished"
+
+
+def latest_run(recipe_name: str, root: Path) -> RunDir | None:
+    link = root / recipe_name / "latest"
+    return RunDir(link.resolve()) if link.exists() else None
+
+
+def point_latest(base: Path, name: str) -> None:
+    """Swap base/latest to point at `name` atomically (a rename over the old link)."""
+    tmp = base / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name)
+    tmp.replace(base / "latest")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

