@@ -10,6 +10,7 @@ manifest; checkpoints make a killed run resumable.
 from __future__ import annotations
 
 import errno
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -46,10 +47,8 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     return PreparedData(train, held_out, train_records, eval_records)
 
 
-def resolve_run(recipe: Recipe, root: Path, resume: str | None) -> tuple[RunDir, Path | None]:
-    """The run to write into and the checkpoint to resume from (None: start fresh)."""
-    if resume is None:
-        return RunDir.create(recipe, root), None
+def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Path | None]:
+    """The run to continue and the checkpoint to continue from (None: from the start)."""
     run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
     if run is None or not run.recipe_file.is_file():
         raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
@@ -60,19 +59,23 @@ def resolve_run(recipe: Recipe, root: Path, resume: str | None) -> tuple[RunDir,
                         "or start a new run")
     for broken in run.incomplete_checkpoints():
         console.err.print(f"[yellow]warning:[/] skipping {broken.name}: it was not completely written "
-                          "(the process died while saving)")
+                          "(the process died while saving); removing it")
+        shutil.rmtree(broken)
     complete = run.complete_checkpoints()
     if not complete:
         console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
-    return run, complete[-1] if complete else None
+        return run, None
+    console.note(f"resuming from {complete[-1].name}")
+    return run, complete[-1]
 
 
 def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     started = time.time()
+    run, checkpoint = find_resumable(recipe, root, resume) if resume else (None, None)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     print_data_summary(recipe, data)
-    run, checkpoint = resolve_run(recipe, root, resume)
+    run = run or RunDir.create(recipe, root)  # only once the data is known to be good
     console.note(f"run directory: {run.path}")
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
     manifest["status"] = "running"
@@ -112,12 +115,14 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     import os
 
     from peft import get_peft_model
+    from transformers import set_seed
     from trl import SFTTrainer
 
     from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
     from qlora_app.model_loading import load_base, lora_config, prepare_for_training
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
+    set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
     model = load_base(recipe)
     prepare_for_training(model, recipe)
     model = get_peft_model(model, lora_config(recipe))

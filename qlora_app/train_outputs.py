@@ -53,8 +53,11 @@ def peak_memory() -> dict:
     import torch
 
     if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        outside = (total - free) - torch.cuda.memory_reserved()  # CUDA context, paged optimizer state
         return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+                "gpu_peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "gpu_device_peak_bytes": torch.cuda.max_memory_reserved() + outside}
     return {"cpu_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -82,7 +85,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     train_losses = [h["loss"] for h in history if "loss" in h]
     train_seconds = sum(h.get("train_runtime", 0) for h in history)
     epochs = state.epoch or 0
-    tokens_seen = data.train.tokens * epochs
+    tokens_seen = max((h.get("num_tokens", 0) for h in history), default=0) or data.train.tokens * epochs
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     manifest.update({
         "status": "finished",
@@ -133,12 +136,12 @@ def print_summary(run: RunDir, manifest: dict) -> None:
     table = Table(title=f"train: {manifest['recipe']} finished", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    peak = t.get("gpu_peak_reserved_bytes") or t.get("cpu_peak_rss_bytes", 0)
+    peak = t.get("gpu_device_peak_bytes") or t.get("cpu_peak_rss_bytes", 0)
     rows = [
         ("time", f"{t['stage_seconds']:.0f} s (training {t['train_seconds']:.0f} s)"),
         ("steps / epochs", f"{t['steps']} / {t['epochs']:.2f}"),
         ("tokens/s", f"{t['tokens_per_second']:,.0f}" if t["tokens_per_second"] else "n/a"),
-        ("peak memory", f"{peak / 2**30:.2f} GiB ({'GPU reserved' if 'gpu_peak_reserved_bytes' in t else 'CPU RSS'})"),
+        ("peak memory", f"{peak / 2**30:.2f} GiB ({'GPU' if 'gpu_device_peak_bytes' in t else 'CPU RSS'})"),
         ("held-out loss: base -> tuned", f"{losses.get('base_eval_loss', float('nan')):.4f} -> "
                                          f"{losses['final_eval_loss']:.4f}"),
         ("final train loss", f"{losses['final_train_loss']:.4f}" if losses["final_train_loss"] else "n/a"),

@@ -3,19 +3,9 @@
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from qlora_app import __version__
 from qlora_app.recipe_loader import load_recipe
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_version():
