@@ -77,9 +77,24 @@ def prepare_for_training(model: PreTrainedModel, recipe: Recipe) -> None:
         if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
     model.config.use_cache = False
+    keep_4bit_weights_differentiable_on_cpu(model)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+
+
+def keep_4bit_weights_differentiable_on_cpu(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes (0.50) from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, the first forward in eval mode without gradients (an evaluation) repacks each
+    4-bit weight for a fast kernel that has no backward pass; training afterwards silently stops the gradient
+    at every quantized layer, so adapters below the last layer stop learning. GPUs are unaffected.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(recipe: Recipe) -> LoraConfig:

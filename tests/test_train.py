@@ -133,3 +133,22 @@ def test_collated_batch_labels_end_of_turn_and_nothing_crosses_examples(tiny_rec
         leaky = model(input_ids=ids[None, :b], position_ids=torch.arange(b)[None]).logits[0, a:b]
     assert (packed - alone).abs().max() < 0.15  # bf16 rounding only
     assert (leaky - alone).abs().max() > 1.0  # what attending across the boundary would look like
+
+
+def test_adapters_below_the_top_still_learn_after_an_evaluation(tiny_recipe, tmp_path):
+    """bitsandbytes repacks 4-bit weights on CPU at the first no-grad eval forward into a kernel without a
+    backward pass; the train stage must keep gradients flowing through every quantized layer after evaluating."""
+    from qlora_app.encoding import load_tokenizer
+    from qlora_app.train import build_trainer, prepare_data
+
+    tokenizer = load_tokenizer(tiny_recipe)
+    trainer, _ = build_trainer(tiny_recipe, RunDir.create(tiny_recipe, tmp_path),
+                               prepare_data(tiny_recipe, tokenizer), tokenizer)
+    trainer.evaluate()
+    model = trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+    loss.backward()
+    first_layer = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert first_layer.grad is not None and first_layer.grad.abs().sum() > 0
