@@ -54,7 +54,7 @@ def make_optimizer(recipe, params):
     return kinds[t.optimizer]()
 
 
-def measure(model, optimizer, vocab: int, batch: int, seq: int, steps: int = 3) -> dict:
+def measure(model, optimizer, vocab: int, batch: int, seq: int, fused: bool, steps: int = 3) -> dict:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -63,7 +63,8 @@ def measure(model, optimizer, vocab: int, batch: int, seq: int, steps: int = 3) 
         ids = torch.randint(0, vocab, (batch, seq), device="cuda")
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
+            # fused: trl's tiled LM head, as the train stage's SFTTrainer runs it (no full logits tensor)
+            loss = model(input_ids=ids, labels=ids, **({"fused_lm_head": True} if fused else {})).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -92,6 +93,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench-model"))
     parser.add_argument("--out", type=Path, default=Path("gpu_memory.json"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--loss", choices=["fused", "hf"], default="fused",
+                        help="fused: trl's tiled LM head and loss, as training runs it; hf: the model's own loss")
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -102,10 +105,15 @@ def main() -> None:
 
     model = load_base(local)
     prepare_for_training(model, local)
+    if args.loss == "fused":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer asks for
     model = get_peft_model(model, lora_config(local))
     model.train()  # gradient checkpointing only acts in training mode, as under the Trainer
     optimizer = make_optimizer(local, [p for p in model.parameters() if p.requires_grad])
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "recipe": recipe.name,
+               "loss": args.loss,
                "after_load_allocated": torch.cuda.memory_allocated(), "points": []}
     plan_for = [(b, s, True) for b, s in parse_points(args.points)] + [(b, s, False) for b, s in parse_points(args.no_ckpt)]
     for batch, seq, ckpt in plan_for:
@@ -115,7 +123,7 @@ def main() -> None:
             model.base_model.model.gradient_checkpointing_disable()
         estimate = planner.plan(recipe, arch, batch_size=batch, seq_len=seq, gradient_checkpointing=ckpt)
         try:
-            measured = measure(model, optimizer, arch.vocab, batch, seq)
+            measured = measure(model, optimizer, arch.vocab, batch, seq, args.loss == "fused")
         except torch.OutOfMemoryError:
             measured = {"oom": True}
         point = {"batch": batch, "seq": seq, "checkpointing": ckpt, "planned_total": estimate.total,

@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench-train"))
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/qlora-bench-model"),
+                        help="where the random model is built (shared with bench/gpu_memory.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
@@ -54,11 +56,12 @@ def main() -> None:
     from qlora_app.tiny_model import materialize
 
     recipe = load_recipe(args.recipe)
-    model_dir = args.workdir / "model"
+    model_dir = args.model_dir
     build_random_model(recipe, model_dir)
     tiny = materialize("builtin:tiny-llama")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tiny / name, model_dir / name)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.workdir / "chats.jsonl"
     synthetic_chats(data, args.examples)
     runs = args.workdir / "runs"

@@ -10,11 +10,13 @@ Every term is counted in bytes from first principles, term by term, so that the 
 - Activations: with gradient checkpointing each layer keeps only its input, and one layer's full set is
   rebuilt during backward; without it every layer keeps everything. Attention is flash/memory-efficient
   SDPA, so nothing grows with the square of the sequence.
-- Logits: the output head's logits, their fp32 copy for the loss and its gradient; for a 128k vocabulary
-  this is often the largest activation of all.
+- Output head and loss: trl's tiled head computes the loss without materializing the full logits tensor
+  (which for a 128k vocabulary at batch 4 x 1024 would take about 6 GiB); what remains per token is a
+  fraction of a vocabulary row, measured.
 - Overhead: CUDA context, cuBLAS workspace and the caching allocator's fragmentation.
 
-The activation coefficients were checked against measured peaks on an H100 (docs/gpu-measurements.md).
+The totals are checked against peaks measured on an H100 with the train stage's own code path
+(docs/gpu-measurements.md).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ BLOCK = 64  # bitsandbytes 4-bit block size
 NESTED_BLOCK = 256  # double quantization block size (over the absmax values)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 OPTIMIZER_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
-LOGIT_BYTES_PER_ELEMENT = 12  # bf16 logits (2) + fp32 copy (4) + saved log-softmax (4) + bf16 grad (2)
+HEAD_BYTES_PER_VOCAB = 2.5  # per token, trl's tiled LM head + loss; fitted on an H100 (docs/gpu-measurements.md)
 CUDA_CONTEXT = int(0.75 * GiB)  # measured on an H100: context, cuBLAS workspace, kernels
+# What the Trainer adds beyond a bare training step (evaluation buffers, its own bookkeeping): the train stage's
+# measured peak on an H100 minus the bare step's at the same batch (docs/gpu-measurements.md).
+TRAINER_OVERHEAD = int(0.95 * GiB)
 # Share of dynamic (activation) memory the caching allocator reserves beyond its peak allocation, measured with
 # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (which the train stage sets; without it, about twice this).
 FRAGMENTATION = 0.12
@@ -57,6 +62,7 @@ class MemoryPlan:
     activations: int
     logits: int
     overhead: int
+    trainer_overhead: int
     batch_size: int
     seq_len: int
     trainable_params: int
@@ -67,6 +73,11 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
+        return self.step_total + self.trainer_overhead
+
+    @property
+    def step_total(self) -> int:
+        """Peak of a bare training step (what bench/gpu_memory.py measures), without the Trainer's extras."""
         return (self.base_weights + self.lora_weights + self.lora_gradients + self.optimizer_state
                 + self.activations + self.logits + self.overhead)
 
@@ -78,8 +89,9 @@ class MemoryPlan:
             "lora_gradients": "LoRA gradients (fp32)",
             "optimizer_state": "optimizer state",
             "activations": "activations",
-            "logits": "logits and loss",
+            "logits": "output head and loss (tiled)",
             "overhead": "CUDA context, workspace, fragmentation",
+            "trainer_overhead": "Trainer (evaluation, bookkeeping)",
         }
         return [(label, getattr(self, key)) for key, label in labels.items()]
 
@@ -93,7 +105,7 @@ def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, s
     trainable = lora_params(recipe, arch)
     tokens = batch * seq
     activations = tokens * activation_bytes_per_token(recipe, arch, checkpointing)
-    logits = tokens * arch.vocab * LOGIT_BYTES_PER_ELEMENT
+    logits = int(tokens * arch.vocab * HEAD_BYTES_PER_VOCAB)
     transient = 2 * max(i * o for i, o in arch.linear_shapes().values()) * 2 if recipe.quantization.enabled else 0
     overhead = CUDA_CONTEXT + transient + int(FRAGMENTATION * (activations + logits))
     return MemoryPlan(
@@ -105,6 +117,7 @@ def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, s
         activations=activations,
         logits=logits,
         overhead=overhead,
+        trainer_overhead=TRAINER_OVERHEAD,
         batch_size=batch,
         seq_len=seq,
         trainable_params=trainable,

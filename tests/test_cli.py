@@ -32,7 +32,7 @@ def test_plan_llama3_8b_fits_a_24_gib_gpu():
     result = run_cli("plan", "llama3-8b")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "base weights, 4-bit" in out and "logits and loss" in out and "total" in out
+    assert "base weights, 4-bit" in out and "output head and loss" in out and "total" in out
     assert "fits in 24 GiB" in out and "largest batch at seq 1024" in out
 
 

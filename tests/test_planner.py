@@ -1,5 +1,8 @@
 """The planner's figures against the real libraries: bitsandbytes' 4-bit footprint and peft's LoRA size."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,19 +140,29 @@ def test_readme_recipe_table_matches_the_planner():
         assert f"{planner.plan(recipe, load_architecture(recipe.model)).total / 2**30:.2f}" == figure, name
 
 
-@pytest.mark.parametrize("measurement", ["h100-llama3-8b-qlora.json", "h100-llama3-8b-lora-bf16.json"])
-def test_planner_matches_peaks_measured_on_a_gpu(measurement):
-    """docs/gpu-measurements.md: device peaks measured on an H100, checked against today's planner."""
-    import json
-    from pathlib import Path
+MEASUREMENTS = Path(__file__).resolve().parent.parent / "docs" / "measurements"
 
+
+@pytest.mark.parametrize("measurement", ["h100-llama3-8b-qlora-fused.json", "h100-llama3-8b-lora-bf16-fused.json"])
+def test_planner_matches_training_steps_measured_on_a_gpu(measurement):
+    """docs/gpu-measurements.md: bare training steps (bench/gpu_memory.py) on an H100 vs today's planner."""
     from qlora_app.architecture import load_architecture
 
-    data = json.loads((Path(__file__).resolve().parent.parent / "docs" / "measurements" / measurement).read_text())
+    data = json.loads((MEASUREMENTS / measurement).read_text())
     recipe = load_recipe(data["recipe"])
     arch = load_architecture(recipe.model)
     for point in data["points"]:
         measured = point["peak_reserved"] + point["context"]
         planned = planner.plan(recipe, arch, batch_size=point["batch"], seq_len=point["seq"],
-                               gradient_checkpointing=point["checkpointing"]).total
+                               gradient_checkpointing=point["checkpointing"]).step_total
         assert planned == pytest.approx(measured, rel=0.05), point
+
+
+def test_planner_matches_the_train_stage_measured_on_a_gpu():
+    """The whole train stage (bench/gpu_train.py) on the llama3-8b recipe's shape, H100."""
+    from qlora_app.architecture import load_architecture
+
+    manifest = json.loads((MEASUREMENTS / "train-stage-h100" / "manifest.json").read_text())
+    recipe = load_recipe("llama3-8b")
+    planned = planner.plan(recipe, load_architecture(recipe.model)).total
+    assert planned == pytest.approx(manifest["training"]["gpu_device_peak_bytes"], rel=0.05)
