@@ -61,22 +61,6 @@ def base_recipe(model: Path, data: Path, overrides: list[str]):
         "train.save_steps=100000", "train.log_steps=10", "train.report_to=[]", *overrides])
 
 
-def choose_layout(recipe, budget_gib: float, rows_per_step: int) -> tuple[int, int, bool]:
-    """(batch, accumulation, gradient checkpointing) for `rows_per_step` packed rows per optimizer step: the
-    largest batch a `budget_gib` card affords, without recomputation when at least 4 rows fit without it."""
-    from qlora_app import planner
-    from qlora_app.architecture import load_architecture
-
-    arch = load_architecture(recipe.model)
-    budget = int(budget_gib * planner.GiB)
-    no_ckpt = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
-    batch, checkpointing = planner.largest_batch(no_ckpt, arch, budget), False
-    if batch < min(4, rows_per_step):
-        batch, checkpointing = planner.largest_batch(recipe, arch, budget), True
-    batch = max(1, min(batch, rows_per_step))
-    return batch, max(1, round(rows_per_step / batch)), checkpointing
-
-
 def run_reference(recipe, workdir: Path) -> dict:
     """The articles' setup, with trl directly: padded batches, length grouping, checkpointing."""
     import torch
@@ -141,8 +125,13 @@ def run_ours(recipe, workdir: Path, budget_gib: float) -> dict:
     # The same tokens per optimizer step as the reference (its 16 examples fill about this many packed rows),
     # so both make the same number of updates per epoch: the tokens per update are a hyperparameter, not a
     # speed knob.
+    from qlora_app import planner
+    from qlora_app.architecture import load_architecture
+
     rows_per_step = max(1, round(EXAMPLES_PER_STEP * mean_example_tokens(recipe) / recipe.data.max_length))
-    batch, accum, checkpointing = choose_layout(recipe, budget_gib, rows_per_step)
+    layout = planner.fastest_layout(recipe, load_architecture(recipe.model), int(budget_gib * planner.GiB),
+                                    rows_per_step)
+    batch, accum, checkpointing = layout.batch_size, layout.grad_accum, layout.gradient_checkpointing
     ours = recipe.model_copy(update={"train": recipe.train.model_copy(update={
         "batch_size": batch, "grad_accum": accum, "gradient_checkpointing": checkpointing})})
     torch.cuda.reset_peak_memory_stats()

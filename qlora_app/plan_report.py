@@ -46,6 +46,7 @@ def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False) -> planner
     )
     out.print(table)
     out.print(verdict(recipe, arch, result, budget, gpu_gib))
+    out.print(recommendation(recipe, arch, budget, gpu_gib))
     if compare:
         print_comparison(recipe, arch, budget, gpu_gib)
     return result
@@ -59,6 +60,18 @@ def verdict(recipe: Recipe, arch: Architecture, result: planner.MemoryPlan, budg
     if result.total <= budget:
         return f"[bold green]fits[/] in {gpu_gib:g} GiB ({gib(budget - result.total)} GiB to spare); {limits}"
     return f"[bold red]does not fit[/] in {gpu_gib:g} GiB (over by {gib(result.total - budget)} GiB); {limits}"
+
+
+def recommendation(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> str:
+    t = recipe.train
+    best = planner.fastest_layout(recipe, arch, budget)
+    current = (t.batch_size, t.grad_accum, t.gradient_checkpointing)
+    if (best.batch_size, best.grad_accum, best.gradient_checkpointing) == current:
+        return f"layout: batch {t.batch_size} x accumulation {t.grad_accum} is already the fastest for {gpu_gib:g} GiB"
+    sets = (f"--set train.batch_size={best.batch_size} --set train.grad_accum={best.grad_accum} "
+            f"--set train.gradient_checkpointing={str(best.gradient_checkpointing).lower()}")
+    return (f"faster on {gpu_gib:g} GiB with the same tokens per update: batch {best.batch_size} x accumulation "
+            f"{best.grad_accum}, gradient checkpointing {'on' if best.gradient_checkpointing else 'off'} ({sets})")
 
 
 def print_comparison(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> None:

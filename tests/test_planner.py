@@ -166,3 +166,21 @@ def test_planner_matches_the_train_stage_measured_on_a_gpu():
     recipe = load_recipe("llama3-8b")
     planned = planner.plan(recipe, load_architecture(recipe.model)).total
     assert planned == pytest.approx(manifest["training"]["gpu_device_peak_bytes"], rel=0.05)
+
+
+def test_fastest_layout_keeps_tokens_per_update_and_fits():
+    from qlora_app.architecture import load_architecture
+
+    budget = 24 * 2**30
+    for name in ("llama3-8b", "llama2-7b", "mistral-7b"):
+        recipe = load_recipe(name)
+        arch = load_architecture(recipe.model)
+        layout = planner.fastest_layout(recipe, arch, budget)
+        assert layout.batch_size * layout.grad_accum == recipe.train.effective_batch
+        assert planner.plan(recipe, arch, batch_size=layout.batch_size,
+                            gradient_checkpointing=layout.gradient_checkpointing).total <= budget
+    # Llama 2 at 512 tokens fits batch 4 without recomputation on 24 GiB; Llama 3 at 1024 does not
+    assert not planner.fastest_layout(load_recipe("llama2-7b"), load_architecture(load_recipe("llama2-7b").model),
+                                      budget).gradient_checkpointing
+    llama3 = load_recipe("llama3-8b")
+    assert planner.fastest_layout(llama3, load_architecture(llama3.model), budget).gradient_checkpointing
