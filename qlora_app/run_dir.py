@@ -69,6 +69,23 @@ class RunDir:
     def incomplete_checkpoints(self) -> list[Path]:
         return [p for p in self.checkpoints.glob("checkpoint-*") if not (p / COMPLETE_MARKER).is_file()]
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Logged records; a line cut short (the process died or the disk filled mid-write) is skipped."""
+        if not self.metrics.is_file():
+            return []
+        records = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def rewind_metrics(self, step: int) -> None:
+        """Keep only what was logged up to `step`: a resumed run logs the later steps again."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        write_text_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest.read_text()) if self.manifest.is_file() else {}
 

@@ -66,6 +66,7 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Pat
         console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
         return run, None
     console.note(f"resuming from {complete[-1].name}")
+    run.rewind_metrics(int(complete[-1].name.split("-")[-1]))
     return run, complete[-1]
 
 

