@@ -115,14 +115,16 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
 def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     import os
 
+    import datasets
     from peft import get_peft_model
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
     from qlora_app.model_loading import load_base, lora_config, prepare_for_training
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
+    datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
     set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
     model = load_base(recipe)
     prepare_for_training(model, recipe)
@@ -142,6 +144,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl show what it would print
     trainer.add_callback(ProgressBar(tokens_per_step(trainer, recipe)))
     return trainer, stopper
 

@@ -104,7 +104,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     manifest["losses"].update({"final_eval_loss": final_eval,
                                "final_train_loss": train_losses[-1] if train_losses else None})
     write_json_atomic(run.manifest, manifest)
-    plot_loss_curve(history, run.loss_curve)
+    plot_loss_curve(history, run.loss_curve, f"{manifest['recipe']} / {manifest['run_id']}")
     print_summary(run, manifest)
 
 
@@ -119,7 +119,7 @@ def non_pad_fraction(trainer) -> float:
     return sum(lengths) / sum(max(c) * len(c) for c in chunks)
 
 
-def plot_loss_curve(history: list[dict], path: Path) -> None:
+def plot_loss_curve(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,6 +132,7 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
         ax.plot(*zip(*train), label="train loss")
     if held:
         ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -121,3 +121,16 @@ def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: builtin:tiny-llama}\ndata: {source: ./data.jsonl}\n")
     assert load_recipe(str(path)).data.source == str(tmp_path / "data.jsonl")
+
+
+def test_builtin_tiny_model_is_built_deterministically(tmp_path, monkeypatch, tiny_model_dir):
+    import hashlib
+
+    from qlora_app.tiny_model import materialize
+
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
+    again = materialize("builtin:tiny-llama")
+    assert again != tiny_model_dir
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        digests = {hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tiny_model_dir, again)}
+        assert len(digests) == 1, name
