@@ -110,3 +110,23 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, runs_
     from qlora_app.train import train
 
     train(load_recipe(recipe, overrides), runs_root(runs_dir), resume)
+
+
+@main.command("merge")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--recipe", "recipe_name", default=None, help="Merge the latest run of this recipe.")
+@click.option("--base-weights", type=click.Choice(["original", "dequantized"]), default=None,
+              help="Merge into the original 16-bit weights, or into dequant(NF4): the weights the adapter "
+                   "was trained on (default: the recipe's merge.base_weights).")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+              help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")
+def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | None, runs_dir: str | None) -> None:
+    """Merge a run's adapter into a standard 16-bit model in RUN_DIR/merged (default: the latest run).
+
+    The base is streamed shard by shard, never loaded whole and never 4-bit; the result carries the training
+    tokenizer, chat template and a generation config that stops at end-of-turn, and appears atomically.
+    """
+    from qlora_app.merge import merge
+    from qlora_app.run_dir import find_run, runs_root
+
+    merge(find_run(run_dir, recipe_name, runs_root(runs_dir)), base_weights)

@@ -120,3 +120,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def find_run(run_dir: str | None, recipe_name: str | None, root: Path) -> RunDir:
+    """RUN_DIR if given, else the latest run of the recipe, else the latest run of the only recipe with runs."""
+    if run_dir:
+        run = RunDir(Path(run_dir).resolve())
+        run.recipe()  # fails with a clear line if it is not a run directory
+        return run
+    if recipe_name is None:
+        names = sorted(p.parent.name for p in root.glob("*/latest"))
+        if len(names) != 1:
+            raise UserError(f"say which run: give RUN_DIR or --recipe NAME (runs under {root}: "
+                            f"{', '.join(names) or 'none'})")
+        recipe_name = names[0]
+    run = latest_run(recipe_name, root)
+    if run is None:
+        raise UserError(f"no run of recipe '{recipe_name}' under {root}: train one first with: "
+                        f"qlora-app train {recipe_name}")
+    return run

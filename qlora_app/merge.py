@@ -1,0 +1,236 @@
+"""The merge stage: a trained run's adapter folded into a standard 16-bit Hugging Face model.
+
+Never into the 4-bit model: the base checkpoint is streamed shard by shard from its safetensors files, each
+targeted weight gets scaling x B x A added (in fp32, rounded once, as peft's merge_and_unload does), and the
+shard is written out, so peak memory is about one shard plus the adapter rather than the whole model. The
+result lands in run/merged atomically, with the training tokenizer, its chat template, a generation config
+that stops at the template's end-of-turn token, and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_app import console, hub, tiny_model
+from qlora_app.errors import UserError
+from qlora_app.recipe import Recipe
+from qlora_app.run_dir import RunDir, write_json_atomic, write_text_atomic
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Delta:
+    lora_a: object  # torch.Tensor (r, in)
+    lora_b: object  # torch.Tensor (out, r)
+
+
+def merge(run: RunDir, base_weights: str | None = None) -> Path:
+    started = time.time()
+    recipe = run.recipe()
+    mode = base_weights or recipe.merge.base_weights
+    check_run(run)
+    config = json.loads((run.adapter / "adapter_config.json").read_text())
+    deltas = load_deltas(run.adapter)
+    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    source = base_checkpoint(recipe)
+    shards = shard_files(source)
+    check_fit(deltas, source, shards)
+    check_disk(source, shards, run.path)
+    clean_stale_staging(run.path)
+    staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=run.path))
+    try:
+        for shard in console_progress(shards):
+            merge_shard(source / shard, staging / shard, deltas, scaling, recipe, mode)
+        write_companions(source, staging, run, recipe)
+        report = {"base_weights": mode, "shards": len(shards), "merged_weights": len(deltas),
+                  "seconds": round(time.time() - started, 1),
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        write_json_atomic(staging / "merge_report.json", report)
+        staging.chmod(0o755)
+        publish(staging, run.path / "merged")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    console.note(f"merged model: {run.path / 'merged'} ({len(deltas)} weights merged, {mode} base weights)")
+    return run.path / "merged"
+
+
+def check_run(run: RunDir) -> None:
+    missing = [name for name in ADAPTER_FILES if not (run.adapter / name).is_file()]
+    if missing:
+        raise UserError(f"{run.path} has no complete adapter (missing {', '.join(missing)}): train it first "
+                        f"with: qlora-app train {run.path.parent.name}")
+    if not (run.adapter / "tokenizer_config.json").is_file():
+        raise UserError(f"{run.adapter} has no tokenizer: the run is incomplete; train it again")
+
+
+def load_deltas(adapter: Path) -> dict[str, Delta]:
+    """Base weight name -> (A, B), from peft's adapter file."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    deltas = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                raise UserError(f"{adapter}: the adapter holds '{key}', which a LoRA merge cannot fold in "
+                                "(modules_to_save or another tuner)")
+            continue
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        base_key = key.removeprefix(ADAPTER_PREFIX).replace(".lora_A.weight", ".weight")
+        deltas[base_key] = Delta(a, b)
+    return deltas
+
+
+def base_checkpoint(recipe: Recipe) -> Path:
+    """A local folder with the base model's safetensors files (downloaded from the Hub if needed)."""
+    spec = recipe.model
+    if tiny_model.is_builtin(spec.path):
+        return tiny_model.materialize(spec.path)
+    if Path(spec.path).is_dir():
+        return Path(spec.path)
+    from huggingface_hub import snapshot_download
+
+    with hub.hub_errors(spec.path, spec.revision):
+        return Path(snapshot_download(spec.path, revision=spec.revision,
+                                      allow_patterns=["*.safetensors", "*.json", "tokenizer*"]))
+
+
+def shard_files(source: Path) -> list[str]:
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (source / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise UserError(f"{source} has no safetensors weights (model.safetensors or an index); "
+                    "only safetensors checkpoints are merged")
+
+
+def check_fit(deltas: dict[str, Delta], source: Path, shards: list[str]) -> None:
+    from safetensors import safe_open
+
+    shapes = {}
+    for shard in shards:
+        with safe_open(source / shard, "pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    for key, delta in deltas.items():
+        expected = (delta.lora_b.shape[0], delta.lora_a.shape[1])
+        if key not in shapes:
+            raise UserError(f"the adapter does not fit the base model: it adapts '{key}', which the base lacks")
+        if shapes[key] != expected:
+            raise UserError(f"the adapter does not fit the base model: '{key}' is {shapes[key]} in the base, "
+                            f"the adapter expects {expected}")
+
+
+def check_disk(source: Path, shards: list[str], target: Path) -> None:
+    needed = int(sum((source / s).stat().st_size for s in shards) * 1.05)
+    free = shutil.disk_usage(target).free
+    if needed > free:
+        raise UserError(f"merging needs about {needed / 1e9:.1f} GB free in {target}, only {free / 1e9:.1f} GB "
+                        "is available")
+
+
+def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, recipe: Recipe, mode: str) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, recipe.merge.dtype)
+    out = {}
+    with safe_open(src, "pt") as f:
+        for key in f.keys():
+            weight = f.get_tensor(key).to(dtype)
+            delta = deltas.get(key)
+            if delta is not None:
+                if mode == "dequantized":
+                    weight = nf4_round_trip(weight, recipe)
+                update = (delta.lora_b.float() @ delta.lora_a.float()) * scaling
+                weight = (weight.float() + update).to(dtype) if dtype != torch.float32 else weight + update
+            out[key] = weight.contiguous()
+    save_file(out, dst, metadata={"format": "pt"})
+
+
+def nf4_round_trip(weight, recipe: Recipe):
+    """The weight as the adapter saw it during training: dequant(quant(W)) with the recipe's settings."""
+    import bitsandbytes.functional as bnbf
+
+    q = recipe.quantization
+    packed, state = bnbf.quantize_4bit(weight, quant_type=q.quant_type, compress_statistics=q.double_quant)
+    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+
+
+def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -> None:
+    """config, tokenizer + chat template from training, a generation config that stops at end-of-turn, a card."""
+    config = json.loads((source / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = recipe.merge.dtype
+    write_json_atomic(staging / "config.json", config)
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        shutil.copy(index, staging / index.name)
+    for path in run.adapter.iterdir():
+        if path.is_file() and not path.name.startswith("adapter_") and path.name != "README.md":
+            shutil.copy(path, staging / path.name)
+    write_json_atomic(staging / "generation_config.json", generation_config(source, run))
+    write_text_atomic(staging / "README.md", model_card(recipe, run))
+
+
+def generation_config(source: Path, run: RunDir) -> dict:
+    path = source / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    manifest = run.read_manifest()
+    eos = config.get("eos_token_id", [])
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    for token_id in (manifest.get("chat", {}).get("end_of_turn_id"), tokenizer_eos_id(run.adapter)):
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
+    config["eos_token_id"] = eos
+    return config
+
+
+def tokenizer_eos_id(adapter: Path) -> int | None:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter).eos_token_id
+
+
+def model_card(recipe: Recipe, run: RunDir) -> str:
+    manifest = run.read_manifest()
+    losses = manifest.get("losses", {})
+    return (f"# {recipe.name} (merged)\n\nFine-tuned with qlora-app ({recipe.method}, LoRA r={recipe.lora.r}, "
+            f"alpha={recipe.lora.alpha}) and merged into a {recipe.merge.dtype} base.\n\n"
+            f"- base model: {recipe.model.path} (revision {recipe.model.revision})\n"
+            f"- run: {run.path.name}\n- data: {recipe.data.source} (fingerprint "
+            f"{manifest.get('data', {}).get('fingerprint', 'n/a')})\n"
+            f"- held-out loss: base {losses.get('base_eval_loss')}, tuned {losses.get('final_eval_loss')}\n\n"
+            "The resolved recipe is in the run directory's recipe.yaml.\n")
+
+
+def clean_stale_staging(parent: Path) -> None:
+    """Folders left by a merge that was killed: never a model, always safe to remove."""
+    for stale in parent.glob(".merged-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Swap staging into target with renames: a reader sees the old model or the new one, never half of one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".merged-old-{os.getpid()}")
+        target.rename(old)
+    staging.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def console_progress(items: list[str]):
+    from rich.progress import track
+
+    return track(items, description="merge", console=console.err, transient=True)

@@ -1,0 +1,123 @@
+"""The merge stage on the session's trained tiny run, against real peft and plain transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, assert_one_line_error, run_cli, tiny_facts
+from qlora_app.recipe_loader import load_recipe
+
+
+@pytest.fixture(scope="module")
+def merged(trained_run) -> Path:
+    result = run_cli("merge", str(trained_run.path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return trained_run.path / "merged"
+
+
+def test_streaming_merge_equals_peft_merge_and_unload(merged, trained_run, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    reference = PeftModel.from_pretrained(base, trained_run.path / "adapter").merge_and_unload().state_dict()
+    ours = load_file(merged / "model.safetensors")
+    original = load_file(tiny_model_dir / "model.safetensors")
+    assert set(ours) == set(reference)
+    for key, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, reference[key]), key  # bitwise
+    assert sum(not torch.equal(ours[k], original[k]) for k in ours) == 14  # every adapted projection moved
+
+
+def test_merged_model_answers_like_the_adapter_and_stops(merged):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from qlora_app.generate import answer
+
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    stop_ids = GenerationConfig.from_pretrained(merged).eos_token_id
+    facts = tiny_facts()
+    results = [answer(model, tokenizer, [{"role": "user", "content": q}], stop_ids, 32) for q, _ in facts]
+    assert sum(r.text == a for r, (_, a) in zip(results, facts)) >= 0.9 * len(facts)
+    assert all(r.stopped for r in results)
+
+
+def test_merged_folder_loads_with_plain_transformers_without_peft(merged):
+    code = (
+        "import sys; sys.modules['peft'] = None\n"  # any import of peft now fails
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(merged)!r}); t = AutoTokenizer.from_pretrained({str(merged)!r})\n"
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], add_generation_prompt=True, return_tensors='pt',"
+        " return_dict=True)['input_ids']\n"
+        "print(m.generate(ids, max_new_tokens=3).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_chat_template_and_stop_ids_are_the_training_ones(merged, trained_run):
+    from transformers import AutoTokenizer
+
+    from qlora_app.encoding import encode_chat, load_tokenizer
+
+    training = load_tokenizer(load_recipe(str(trained_run.path / "recipe.yaml")))
+    served = AutoTokenizer.from_pretrained(merged)
+    messages = [{"role": "user", "content": "What is the capital of Dateul?"},
+                {"role": "assistant", "content": "The capital of Dateul is Neul."}]
+    assert encode_chat(messages, served, "merged") == encode_chat(messages, training, "training")
+    eot = training.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    card = (merged / "README.md").read_text()
+    assert "builtin:tiny-llama" in card and "held-out loss" in card
+
+
+def test_a_killed_merge_leaves_the_previous_model_intact(merged, trained_run):
+    before = (merged / "model.safetensors").read_bytes()
+    # what a merge killed mid-way leaves: a staging folder beside the published model
+    stale = trained_run.path / ".merged-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 64)
+    assert (merged / "model.safetensors").read_bytes() == before
+    result = run_cli("merge", str(trained_run.path))
+    assert result.returncode == 0
+    assert not stale.exists() and (merged / "model.safetensors").read_bytes() == before
+
+
+def test_run_without_adapter_is_a_one_line_error(tmp_path, trained_run):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints"))
+    (copy / "adapter" / "adapter_model.safetensors").unlink()
+    assert_one_line_error(run_cli("merge", str(copy)), "has no complete adapter (missing adapter_model.safetensors)",
+                          "qlora-app train")
+
+
+def test_adapter_that_does_not_fit_the_base_is_a_one_line_error(tmp_path, trained_run):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other-base"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=600)).save_pretrained(other)
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints"))
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["model"]["path"] = str(other)
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert_one_line_error(run_cli("merge", str(copy)), "the adapter does not fit the base model")
+    assert not (copy / "merged").exists()
+
+
+def test_merge_needs_a_run(tmp_path):
+    assert_one_line_error(run_cli("merge", "--runs-dir", str(tmp_path)), "say which run")
