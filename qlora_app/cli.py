@@ -118,9 +118,13 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, runs_
 @click.option("--base-weights", type=click.Choice(["original", "dequantized"]), default=None,
               help="Merge into the original 16-bit weights, or into dequant(NF4): the weights the adapter "
                    "was trained on (default: the recipe's merge.base_weights).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare the merged model with base + adapter on held-out examples before publishing it "
+                   "(loads the model a few times: on CPU an 8B check needs about 20 GB of RAM).")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")
-def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | None, runs_dir: str | None) -> None:
+def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | None, verify: bool,
+              runs_dir: str | None) -> None:
     """Merge a run's adapter into a standard 16-bit model in RUN_DIR/merged (default: the latest run).
 
     The base is streamed shard by shard, never loaded whole and never 4-bit; the result carries the training
@@ -129,4 +133,4 @@ def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | 
     from qlora_app.merge import merge
     from qlora_app.run_dir import find_run, runs_root
 
-    merge(find_run(run_dir, recipe_name, runs_root(runs_dir)), base_weights)
+    merge(find_run(run_dir, recipe_name, runs_root(runs_dir)), base_weights, verify)

@@ -33,7 +33,7 @@ class Delta:
     lora_b: object  # torch.Tensor (out, r)
 
 
-def merge(run: RunDir, base_weights: str | None = None) -> Path:
+def merge(run: RunDir, base_weights: str | None = None, verify: bool = True) -> Path:
     started = time.time()
     recipe = run.recipe()
     mode = base_weights or recipe.merge.base_weights
@@ -52,8 +52,10 @@ def merge(run: RunDir, base_weights: str | None = None) -> Path:
             merge_shard(source / shard, staging / shard, deltas, scaling, recipe, mode)
         write_companions(source, staging, run, recipe)
         report = {"base_weights": mode, "shards": len(shards), "merged_weights": len(deltas),
-                  "seconds": round(time.time() - started, 1),
+                  "merge_seconds": round(time.time() - started, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if verify:
+            report["verification"] = check_merged(recipe, run, staging, source, mode)
         write_json_atomic(staging / "merge_report.json", report)
         staging.chmod(0o755)
         publish(staging, run.path / "merged")
@@ -61,6 +63,44 @@ def merge(run: RunDir, base_weights: str | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     console.note(f"merged model: {run.path / 'merged'} ({len(deltas)} weights merged, {mode} base weights)")
     return run.path / "merged"
+
+
+def check_merged(recipe: Recipe, run: RunDir, staging: Path, source: Path, mode: str) -> dict:
+    from qlora_app.merge_verify import LOGIT_TOLERANCE, verify
+
+    result = verify(recipe, run.adapter, staging, source, mode)
+    print_verification(result, mode)
+    if result.relative_logit_diff > LOGIT_TOLERANCE:
+        raise UserError(f"the merged model diverges from base + adapter (largest logit difference "
+                        f"{result.max_logit_diff:.3f}, {result.relative_logit_diff:.1%} of the logit scale); "
+                        "nothing was written")
+    trained = result.loss_adapter_on_4bit
+    if trained is not None and result.loss_merged > trained * (1 + recipe.merge.max_loss_increase):
+        other = "dequantized" if mode == "original" else "original"
+        console.err.print(f"[yellow]warning:[/] the merged model's held-out loss ({result.loss_merged:.4f}) is "
+                          f"more than {recipe.merge.max_loss_increase:.1%} above the adapter on its 4-bit base "
+                          f"({trained:.4f}); compare --base-weights {other}")
+    return result.as_dict()
+
+
+def print_verification(result, mode: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"merge check on {result.examples} held-out examples", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [("largest logit difference, merged vs base + adapter", f"{result.max_logit_diff:.4f}"),
+            ("held-out loss: adapter on the 4-bit base (as trained)", fmt(result.loss_adapter_on_4bit)),
+            ("held-out loss: adapter on the original 16-bit base", fmt(result.loss_adapter_on_original)),
+            ("held-out loss: adapter on dequantized NF4 weights", fmt(result.loss_adapter_on_dequantized)),
+            (f"held-out loss: merged model ({mode} base weights)", fmt(result.loss_merged))]
+    for row in rows:
+        table.add_row(*row)
+    console.out.print(table)
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def check_run(run: RunDir) -> None:

@@ -121,3 +121,22 @@ def test_adapter_that_does_not_fit_the_base_is_a_one_line_error(tmp_path, traine
 
 def test_merge_needs_a_run(tmp_path):
     assert_one_line_error(run_cli("merge", "--runs-dir", str(tmp_path)), "say which run")
+
+
+def test_merge_report_checks_the_merge_and_compares_base_weights(merged):
+    check = json.loads((merged / "merge_report.json").read_text())["verification"]
+    assert check["examples"] == 12 and check["relative_logit_diff"] < 0.05
+    for key in ("loss_adapter_on_4bit", "loss_adapter_on_original", "loss_adapter_on_dequantized", "loss_merged"):
+        assert 0 < check[key] < 1.0, key
+
+
+def test_merging_into_dequantized_weights_matches_what_was_trained(tmp_path, trained_run):
+    import math
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints"))
+    result = run_cli("merge", str(copy), "--base-weights", "dequantized")
+    assert result.returncode == 0, result.stderr[-2000:]
+    check = json.loads((copy / "merged" / "merge_report.json").read_text())["verification"]
+    # within 0.5% of the perplexity of the adapter on the 4-bit base it was trained on
+    assert math.exp(check["loss_merged"] - check["loss_adapter_on_4bit"]) - 1 < 0.005
