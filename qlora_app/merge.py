@@ -22,9 +22,11 @@ from qlora_app import console, hub, tiny_model
 from qlora_app.errors import UserError
 from qlora_app.recipe import Recipe
 from qlora_app.run_dir import RunDir, write_json_atomic, write_text_atomic
+from qlora_app.safetensors_stream import DTYPES, StreamWriter, iter_tensors, read_header
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_PREFIX = "base_model.model."
+FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -179,23 +181,25 @@ def check_disk(source: Path, shards: list[str], target: Path) -> None:
 
 
 def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, recipe: Recipe, mode: str) -> None:
+    """Stream one shard: read a tensor, merge it if adapted, write it, forget it."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     dtype = getattr(torch, recipe.merge.dtype)
-    out = {}
-    with safe_open(src, "pt") as f:
-        for key in f.keys():
-            weight = f.get_tensor(key).to(dtype)
-            delta = deltas.get(key)
+    header, _ = read_header(src)
+    layout = [(name, dtype if DTYPES[info["dtype"]] in FLOAT_DTYPES else getattr(torch, DTYPES[info["dtype"]]),
+               tuple(info["shape"]))
+              for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                       key=lambda kv: kv[1]["data_offsets"][0])]
+    with StreamWriter(dst, layout) as writer:
+        for name, tensor in iter_tensors(src):
+            weight = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            delta = deltas.get(name)
             if delta is not None:
                 if mode == "dequantized":
                     weight = nf4_round_trip(weight, recipe)
                 update = (delta.lora_b.float() @ delta.lora_a.float()) * scaling
-                weight = (weight.float() + update).to(dtype) if dtype != torch.float32 else weight + update
-            out[key] = weight.contiguous()
-    save_file(out, dst, metadata={"format": "pt"})
+                weight = (weight.float() + update).to(dtype)
+            writer.write(name, weight)
 
 
 def nf4_round_trip(weight, recipe: Recipe):
