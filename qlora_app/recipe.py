@@ -108,8 +108,8 @@ class MergeSpec(Section):
     base_weights: Literal["original", "dequantized"] = Field(
         "original", description="Merge into the original 16-bit weights, or into dequant(NF4), the ones trained on."
     )
-    max_shard_size: str = "5GB"
-    max_loss_increase: float = Field(0.01, ge=0, description="Allowed relative held-out loss increase.")
+    max_loss_increase: float = Field(
+        0.01, ge=0, description="Warn when the merged held-out loss exceeds the adapter-on-4-bit loss by more.")
 
 
 class ServeSpec(Section):

@@ -84,18 +84,6 @@ def test_chat_template_and_stop_ids_are_the_training_ones(merged, trained_run):
     assert "builtin:tiny-llama" in card and "held-out loss" in card
 
 
-def test_a_killed_merge_leaves_the_previous_model_intact(merged, trained_run):
-    before = (merged / "model.safetensors").read_bytes()
-    # what a merge killed mid-way leaves: a staging folder beside the published model
-    stale = trained_run.path / ".merged-killed"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"\0" * 64)
-    assert (merged / "model.safetensors").read_bytes() == before
-    result = run_cli("merge", str(trained_run.path))
-    assert result.returncode == 0
-    assert not stale.exists() and (merged / "model.safetensors").read_bytes() == before
-
-
 def test_run_without_adapter_is_a_one_line_error(tmp_path, trained_run):
     copy = tmp_path / "run"
     shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints"))
@@ -140,3 +128,70 @@ def test_merging_into_dequantized_weights_matches_what_was_trained(tmp_path, tra
     check = json.loads((copy / "merged" / "merge_report.json").read_text())["verification"]
     # within 0.5% of the perplexity of the adapter on the 4-bit base it was trained on
     assert math.exp(check["loss_merged"] - check["loss_adapter_on_4bit"]) - 1 < 0.005
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, trained_run):
+    """A run whose base is a 12-shard Llama of about 100 MB, with a random (non-zero) adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("sharded")
+    base = root / "base"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                                         num_attention_heads=8, num_key_value_heads=4, vocab_size=552))
+    model.to(torch.bfloat16).save_pretrained(base, max_shard_size="8MB")
+    run = root / "run"
+    shutil.copytree(trained_run.path, run, ignore=shutil.ignore_patterns("merged", "checkpoints", "adapter"))
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
+    peft_model.save_pretrained(run / "adapter")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(trained_run.path / "adapter" / name, run / "adapter" / name)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["path"] = str(base)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert len(list(base.glob("*.safetensors"))) >= 10
+    return run
+
+
+def start_and_kill_merge(run: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_app", "merge", str(run), "--no-verify"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(run.glob(".merged-*/*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "merge ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_killing_a_merge_midway_publishes_nothing_and_keeps_the_previous_model(sharded_run):
+    start_and_kill_merge(sharded_run)
+    assert not (sharded_run / "merged").exists()  # only a staging folder, which the next merge removes
+
+    assert run_cli("merge", str(sharded_run), "--no-verify").returncode == 0
+    published = {p.name: p.read_bytes() for p in (sharded_run / "merged").glob("*.safetensors")}
+    assert len(published) >= 10 and not list(sharded_run.glob(".merged-*"))
+
+    start_and_kill_merge(sharded_run)
+    assert {p.name: p.read_bytes() for p in (sharded_run / "merged").glob("*.safetensors")} == published
+
+
+def test_merge_checks_free_disk_space_first(tmp_path, sharded_run):
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        run = small / "run"
+        shutil.copytree(sharded_run, run, ignore=shutil.ignore_patterns("merged", ".merged-*"))
+        assert_one_line_error(run_cli("merge", str(run), "--no-verify"), "merging needs about 0.1 GB free in",
+                              "is available")
+        assert not (run / "merged").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(small)])
