@@ -11,7 +11,7 @@ RECIPE ?= tiny
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP_INSTALL := $(PY) -m pip install --no-deps --disable-pip-version-check -q
 
-.PHONY: help venv test demo recipes plan train lock-cpu clean
+.PHONY: help venv test demo recipes plan train merge lock-cpu clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,10 +33,11 @@ test: venv ## Run the test suite (creates .venv first if needed)
 	@# pytest exits 5 when a selection collects no tests: that is not a failure of the suite
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
 
-demo: venv ## The built-in tiny recipe on CPU: plan, then train (about a minute)
+demo: venv ## The built-in tiny recipe on CPU: plan, train, merge (about a minute)
 	$(APP) recipes
 	$(APP) plan llama3-8b --compare
 	$(APP) train tiny
+	$(APP) merge --recipe tiny
 
 recipes: venv ## List recipes with their planned VRAM
 	$(APP) recipes
@@ -46,6 +47,9 @@ plan: venv ## Plan GPU memory for RECIPE (GPU_MEMORY=24)
 
 train: venv ## Train RECIPE in the local environment (SET="train.lr=1e-4 ..." for overrides)
 	$(APP) train $(RECIPE) $(foreach s,$(SET),--set $(s))
+
+merge: venv ## Merge the latest run of RECIPE into a bf16 model (RUN=path for another run)
+	$(APP) merge $(if $(RUN),$(RUN),--recipe $(RECIPE))
 
 lock-cpu: ## Regenerate requirements/cpu.lock from requirements/cpu.in in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
