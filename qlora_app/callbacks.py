@@ -36,7 +36,7 @@ class ProgressBar(TrainerCallback):
         steps = state.global_step - self.start_step
         rate = steps * self.tokens_per_step / max(time.perf_counter() - self.start_time, 1e-9)
         self.progress.update(self.task, completed=state.global_step,
-                             stats=f"loss {self.loss:.4f}  eval {self.eval_loss:.4f}  {rate:,.0f} tok/s")
+                             stats=f"loss {_fmt(self.loss)}  eval {_fmt(self.eval_loss)}  {rate:,.0f} tok/s")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -46,6 +46,10 @@ class ProgressBar(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:
             self.progress.stop()
+
+
+def _fmt(value: float) -> str:
+    return "-" if value != value else f"{value:.4f}"  # nan until the first log
 
 
 class MetricsLog(TrainerCallback):

@@ -5,10 +5,15 @@ Shared by the train stage and the GPU benchmarks, so what the benchmarks measure
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from qlora_app import hub, tiny_model
 from qlora_app.recipe import ModelSpec, Recipe
+
+# On CPU bitsandbytes offers to fetch faster kernels from the Hub at every load; the fallback it uses is
+# correct, and the offer is noise in every run's output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
