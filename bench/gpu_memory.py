@@ -100,7 +100,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     arch: Architecture = load_architecture(recipe.model)
     build_random_model(recipe, args.workdir)
-    local = recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": str(args.workdir)})})
+    local = recipe.with_section("model", path=str(args.workdir))
     from peft import get_peft_model
 
     model = load_base(local)

@@ -132,8 +132,7 @@ def run_ours(recipe, workdir: Path, budget_gib: float) -> dict:
     layout = planner.fastest_layout(recipe, load_architecture(recipe.model), int(budget_gib * planner.GiB),
                                     rows_per_step)
     batch, accum, checkpointing = layout.batch_size, layout.grad_accum, layout.gradient_checkpointing
-    ours = recipe.model_copy(update={"train": recipe.train.model_copy(update={
-        "batch_size": batch, "grad_accum": accum, "gradient_checkpointing": checkpointing})})
+    ours = recipe.with_section("train", batch_size=batch, grad_accum=accum, gradient_checkpointing=checkpointing)
     torch.cuda.reset_peak_memory_stats()
     run = train(ours, workdir / "runs")
     manifest = RunDir(run.path).read_manifest()

@@ -22,7 +22,7 @@ from qlora_app import console, hub, tiny_model
 from qlora_app.errors import UserError
 from qlora_app.recipe import Recipe
 from qlora_app.run_dir import RunDir, write_json_atomic, write_text_atomic
-from qlora_app.safetensors_stream import DTYPES, StreamWriter, iter_tensors, read_header
+from qlora_app.safetensors_stream import DTYPES, StreamWriter, entries, iter_tensors, read_header
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_PREFIX = "base_model.model."
@@ -188,8 +188,7 @@ def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, 
     header, _ = read_header(src)
     layout = [(name, dtype if DTYPES[info["dtype"]] in FLOAT_DTYPES else getattr(torch, DTYPES[info["dtype"]]),
                tuple(info["shape"]))
-              for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                       key=lambda kv: kv[1]["data_offsets"][0])]
+              for name, info in entries(header)]
     with StreamWriter(dst, layout) as writer:
         for name, tensor in iter_tensors(src):
             weight = tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -76,7 +76,7 @@ def recommendation(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: flo
 
 def print_comparison(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> None:
     lora = planner.as_lora(recipe)
-    qlora = recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"enabled": True})})
+    qlora = recipe.with_section("quantization", enabled=True)
     table = Table(title=f"LoRA vs QLoRA for {recipe.name} on {gpu_gib:g} GiB")
     table.add_column("")
     table.add_column(describe_method(lora), justify="right")

@@ -200,10 +200,10 @@ def fastest_layout(recipe: Recipe, arch: Architecture, budget: int, rows_per_ste
     it, then the largest batch that fits and divides the rows. Tokens per update stay the recipe's: that is a
     hyperparameter, not a speed knob."""
     rows = rows_per_step or recipe.train.effective_batch
-    no_ckpt = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+    no_ckpt = recipe.with_section("train", gradient_checkpointing=False)
     batch, checkpointing = largest_batch(no_ckpt, arch, budget), False
     if batch < min(4, rows):
-        with_ckpt = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": True})})
+        with_ckpt = recipe.with_section("train", gradient_checkpointing=True)
         batch, checkpointing = largest_batch(with_ckpt, arch, budget), True
     batch = max([d for d in range(1, rows + 1) if rows % d == 0 and d <= batch] or [1])
     return Layout(batch, rows // batch, checkpointing)
@@ -211,4 +211,4 @@ def fastest_layout(recipe: Recipe, arch: Architecture, budget: int, rows_per_ste
 
 def as_lora(recipe: Recipe) -> Recipe:
     """The same recipe with the quantization section switched off (plain LoRA on a 16-bit base)."""
-    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"enabled": False})})
+    return recipe.with_section("quantization", enabled=False)

