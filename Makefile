@@ -1,20 +1,76 @@
-# qlora-app: `make help` lists the targets.
+# qlora-app: `make help` lists the targets and variables.
+#
+# The app targets (recipes, plan, train, merge, serve, pipeline) run `qlora-app` inside the GPU image by default;
+# LOCAL=1 runs the same command in the project's virtual environment (.venv) instead. `demo` and `test` are
+# always local (CPU). Secrets are passed to Docker by name only (-e HF_TOKEN), never by value.
 SHELL := bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APP := $(VENV)/bin/qlora-app
-RECIPE ?= tiny
+VENV_APP := $(VENV)/bin/qlora-app
 # PyTorch's own index serves the +cpu builds of torch; where it cannot be reached pip carries on.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP_INSTALL := $(PY) -m pip install --no-deps --disable-pip-version-check -q
+UV_VERSION := 0.13.9
 
-.PHONY: help venv test demo recipes plan train merge lock-cpu clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+RECIPE ?= tiny
+RUN ?=
+SET ?=
+RESUME ?=
+BASE ?=
+ADAPTERS ?=
+PORT ?= 8000
+BIND ?= 127.0.0.1
+GPU_MEMORY ?= 24
+LOCAL ?=
+IMAGE ?= qlora-app:$(VERSION)
+GPUS ?= all
+HF_HOME ?= $(HOME)/.cache/huggingface
+CACHE_DIR ?= $(CURDIR)/.cache/container
+DOCKER ?= docker
 
-help: ## List the targets
+# --- How `qlora-app` is run ----------------------------------------------------------------------------------
+# Docker mode: the working directory is /app with runs/ mounted at /app/runs, so a relative RUN such as
+# runs/tiny/<id> means the same in both modes; absolute paths inside this project are made relative.
+in_app = $(if $(LOCAL),$(1),$(subst =$(CURDIR)/,=,$(patsubst $(CURDIR)/%,%,$(1))))
+TTY_FLAGS := $(shell [ -t 0 ] && echo --interactive --tty)
+DOCKER_RUN = $(DOCKER) run --rm --init $(TTY_FLAGS) --user $(shell id -u):$(shell id -g) --ipc=host \
+	--stop-timeout 120 -v "$(CURDIR)/runs:/app/runs" -v "$(CURDIR)/recipes:/app/recipes:ro" \
+	-v "$(CURDIR)/data:/app/data:ro" -v "$(CACHE_DIR):/cache" -v "$(HF_HOME):/cache/huggingface" \
+	-e HF_TOKEN -e QLORA_API_KEY
+# Bind-mount sources are created as the caller first: docker would create missing ones owned by root.
+MOUNT_DIRS = mkdir -p runs "$(CACHE_DIR)/huggingface" "$(HF_HOME)"
+# $(call app,GPU?,PORTS?): the command prefix, before qlora-app's own arguments.
+app = $(strip $(if $(LOCAL),$(VENV_APP),$(DOCKER_RUN) $(if $(1),--gpus $(GPUS)) $(2) $(IMAGE)))
+# $(call preflight,GPU?): checks docker (and the GPU, and the image) before a Docker run; nothing when LOCAL.
+preflight = $(if $(LOCAL),,@scripts/docker-preflight.sh $(if $(1),--gpu )$(IMAGE) && $(MOUNT_DIRS))
+APP_DEPS := $(if $(LOCAL),venv)
+
+RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),--recipe $(RECIPE))
+SET_ARGS = $(foreach s,$(SET),--set $(s))
+RESUME_ARGS = $(if $(RESUME),--resume $(if $(filter 1 yes true,$(RESUME)),,$(call in_app,$(RESUME))))
+SERVE_ARGS = $(if $(BASE),--base $(BASE) $(foreach a,$(ADAPTERS),--adapter $(call in_app,$(a))),$(RUN_ARGS))
+# Serving: vLLM listens on 0.0.0.0:8000 inside the container, published on BIND:PORT of the host. Published on a
+# loopback address only, it needs no key; published beyond, it needs QLORA_API_KEY.
+LOOPBACK := $(filter 127.% localhost,$(BIND))
+PUBLISH = -p $(patsubst localhost,127.0.0.1,$(BIND)):$(PORT):8000
+LISTEN = $(if $(LOCAL),--host $(BIND) --port $(PORT),--host 0.0.0.0 --port 8000 $(if $(LOOPBACK),--allow-unauthenticated))
+define require_key
+@[ -n "$${QLORA_API_KEY:-}" ] || { echo "error: BIND=$(BIND) publishes the server beyond this machine: export QLORA_API_KEY=<a long random key> first, or keep the default BIND=127.0.0.1" >&2; exit 2; }
+endef
+key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
+
+.PHONY: help venv test lint demo image recipes plan train merge serve pipeline lock-cpu lock-gpu clean
+
+help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables (defaults): RECIPE=$(RECIPE)  RUN=<latest run of RECIPE>  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
+	@echo "  BASE=RECIPE ADAPTERS=\"name=RUN_DIR ...\" (serve adapters)  PORT=$(PORT)  BIND=$(BIND)  GPU_MEMORY=$(GPU_MEMORY)"
+	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS)  HF_HOME=$(HF_HOME)  LOCAL=1 (run in .venv, not in the image)"
 
 venv: $(VENV)/.installed ## Create the CPU virtual environment (.venv) from requirements/cpu.lock
 
@@ -33,23 +89,45 @@ test: venv ## Run the test suite (creates .venv first if needed)
 	@# pytest exits 5 when a selection collects no tests: that is not a failure of the suite
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
 
-demo: venv ## The built-in tiny recipe on CPU: plan, train, merge (about a minute)
-	$(APP) recipes
-	$(APP) plan llama3-8b --compare
-	$(APP) train tiny
-	$(APP) merge --recipe tiny
+lint: venv ## Lint the Dockerfile (hadolint) and the shell scripts
+	$(VENV)/bin/hadolint Dockerfile
+	bash -n scripts/docker-preflight.sh
 
-recipes: venv ## List recipes with their planned VRAM
-	$(APP) recipes
+demo: venv ## On CPU, in .venv: recipes, the 8B plan, then the tiny recipe trained, merged, served and asked
+	$(VENV_APP) recipes
+	$(VENV_APP) plan llama3-8b --compare
+	$(VENV_APP) demo
 
-plan: venv ## Plan GPU memory for RECIPE (GPU_MEMORY=24)
-	$(APP) plan $(RECIPE) --gpu-memory $(or $(GPU_MEMORY),24)
+image: ## Build the GPU image IMAGE (CUDA 13, vLLM, the training stack) from requirements/gpu.lock
+	@scripts/docker-preflight.sh
+	$(DOCKER) build -t $(IMAGE) --label org.opencontainers.image.version=$(VERSION) \
+	  --label org.opencontainers.image.revision=$(shell git rev-parse --short HEAD 2>/dev/null) .
 
-train: venv ## Train RECIPE in the local environment (SET="train.lr=1e-4 ..." for overrides)
-	$(APP) train $(RECIPE) $(foreach s,$(SET),--set $(s))
+recipes: $(APP_DEPS) ## List the recipes with their planned VRAM
+	$(call preflight)
+	$(call app) recipes --gpu-memory $(GPU_MEMORY)
 
-merge: venv ## Merge the latest run of RECIPE into a bf16 model (RUN=path for another run)
-	$(APP) merge $(if $(RUN),$(RUN),--recipe $(RECIPE))
+plan: $(APP_DEPS) ## Plan the GPU memory of RECIPE on GPU_MEMORY GiB, QLoRA beside LoRA
+	$(call preflight)
+	$(call app) plan $(RECIPE) --gpu-memory $(GPU_MEMORY) --compare
+
+train: $(APP_DEPS) ## Train RECIPE into runs/RECIPE/<id> (SET="train.lr=1e-4 ..."; RESUME=1 continues the latest)
+	$(call preflight,gpu)
+	$(call app,gpu) train $(RECIPE) $(SET_ARGS) $(RESUME_ARGS)
+
+merge: $(APP_DEPS) ## Merge the latest run of RECIPE (or RUN) into a bf16 model in RUN/merged
+	$(call preflight,gpu)
+	$(call app,gpu) merge $(RUN_ARGS)
+
+serve: $(APP_DEPS) ## Serve the merged RECIPE (or RUN) on BIND:PORT; BASE + ADAPTERS serve LoRA adapters instead
+	$(key_check)
+	$(call preflight,gpu)
+	$(call app,gpu,$(PUBLISH)) serve $(SERVE_ARGS) $(LISTEN)
+
+pipeline: $(APP_DEPS) ## Train, merge and serve RECIPE, skipping the stages already done
+	$(key_check)
+	$(call preflight,gpu)
+	$(call app,gpu,$(PUBLISH)) pipeline $(RECIPE) $(SET_ARGS) $(LISTEN)
 
 lock-cpu: ## Regenerate requirements/cpu.lock from requirements/cpu.in in a scratch venv
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -61,6 +139,16 @@ lock-cpu: ## Regenerate requirements/cpu.lock from requirements/cpu.in in a scra
 	  .lock-venv/bin/pip freeze --all --exclude-editable; } > requirements/cpu.lock
 	rm -rf .lock-venv
 
-clean: ## Remove caches and the virtual environment (never runs/)
-	rm -rf $(VENV) .pytest_cache build *.egg-info
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+# For the image: Ubuntu 24.04's Python 3.12 and glibc 2.39, wheels only, every file's hash (uv resolves for a
+# platform other than this machine's).
+lock-gpu: ## Regenerate requirements/gpu.lock (CUDA, Python 3.12, linux x86_64, hashes) from requirements/gpu.in
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q uv==$(UV_VERSION)
+	.lock-venv/bin/uv pip compile requirements/gpu.in -o requirements/gpu.lock --generate-hashes \
+	  --only-binary :all: --python-version 3.12 --python-platform x86_64-manylinux_2_39 \
+	  --custom-compile-command "make lock-gpu" --quiet
+	rm -rf .lock-venv
+
+clean: ## Remove the virtual environments and caches (never runs/, never the image)
+	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info
+	find . -path ./runs -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
