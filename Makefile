@@ -47,7 +47,9 @@ MOUNT_DIRS = mkdir -p runs "$(CACHE_DIR)/huggingface" "$(HF_HOME)"
 app = $(strip $(if $(LOCAL),$(VENV_APP),$(DOCKER_RUN) $(if $(1),--gpus $(GPUS)) $(2) $(IMAGE)))
 # $(call preflight,GPU?): checks docker (and the GPU, and the image) before a Docker run; nothing when LOCAL.
 preflight = $(if $(LOCAL),,@scripts/docker-preflight.sh $(if $(1),--gpu )$(IMAGE) && $(MOUNT_DIRS))
-APP_DEPS := $(if $(LOCAL),venv)
+# LOCAL=1 builds .venv (the CPU flavour) when needed; any other VENV is the caller's own (a CUDA environment
+# installed from requirements/gpu.lock, say) and is used as it is.
+APP_DEPS := $(if $(LOCAL),$(if $(filter .venv,$(VENV)),venv))
 
 RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),--recipe $(RECIPE))
 SET_ARGS = $(foreach s,$(SET),--set $(s))
@@ -70,7 +72,8 @@ help: ## List the targets and variables
 	@echo
 	@echo "Variables (defaults): RECIPE=$(RECIPE)  RUN=<latest run of RECIPE>  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
 	@echo "  BASE=RECIPE ADAPTERS=\"name=RUN_DIR ...\" (serve adapters)  PORT=$(PORT)  BIND=$(BIND)  GPU_MEMORY=$(GPU_MEMORY)"
-	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS)  HF_HOME=$(HF_HOME)  LOCAL=1 (run in .venv, not in the image)"
+	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS)  HF_HOME=$(HF_HOME)"
+	@echo "  LOCAL=1: run in .venv (CPU, built when needed) instead of the image; VENV=path: your own environment, as is"
 
 venv: $(VENV)/.installed ## Create the CPU virtual environment (.venv) from requirements/cpu.lock
 
