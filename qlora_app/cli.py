@@ -8,6 +8,7 @@ import click
 
 from qlora_app import __version__, console
 from qlora_app.errors import UserError
+from qlora_app.recipe_loader import load_recipe
 
 SET_HELP = "Override a recipe value, e.g. --set train.lr=1e-4 --set lora.r=16 (repeatable)."
 
@@ -134,3 +135,95 @@ def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | 
     from qlora_app.run_dir import find_run, runs_root
 
     merge(find_run(run_dir, recipe_name, runs_root(runs_dir)), base_weights, verify)
+
+
+def runs_dir_option(fn):
+    return click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+                        help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")(fn)
+
+
+def listen_options(fn):
+    fn = click.option("--allow-unauthenticated", is_flag=True,
+                      help="Serve on a non-loopback address without QLORA_API_KEY (e.g. inside a container "
+                           "whose port is published on the host's loopback only).")(fn)
+    fn = click.option("--port", type=click.IntRange(1, 65535), default=None,
+                      help="Port (default: the recipe's serve.port, 8000).")(fn)
+    return click.option("--host", default=None, help="Address to bind (default: the recipe's serve.host, "
+                                                     "127.0.0.1). Anything else needs QLORA_API_KEY.")(fn)
+
+
+@main.command("serve")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--recipe", "recipe_name", default=None, help="Serve the latest run of this recipe.")
+@click.option("--base", default=None, metavar="RECIPE",
+              help="Adapter mode: serve this recipe's base model once, with adapters as their own model ids.")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=RUN_DIR",
+              help="Adapter mode: serve RUN_DIR's adapter as model NAME (repeatable; adds to serve.adapters).")
+@overrides_option
+@listen_options
+@runs_dir_option
+def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, adapters: tuple[str, ...],
+              overrides: tuple[str, ...], host: str | None, port: int | None, allow_unauthenticated: bool,
+              runs_dir: str | None) -> None:
+    """Serve a trained run with vLLM's OpenAI-compatible server until Ctrl-C.
+
+    Default: the merged model of RUN_DIR (or of the latest run of --recipe), under the recipe's name.
+    With --base RECIPE and --adapter NAME=RUN_DIR ...: one base, each LoRA adapter its own model id.
+    Set QLORA_API_KEY to require 'Authorization: Bearer <key>' on every route but /health.
+    """
+    from qlora_app.run_dir import find_run, runs_root
+    from qlora_app.serve import serve
+    from qlora_app.serve_target import adapter_target, merged_target, parse_adapters
+
+    root = runs_root(runs_dir)
+    if base or adapters:
+        if run_dir or recipe_name:
+            raise UserError("give either a run (RUN_DIR / --recipe) or adapter mode (--base with --adapter)")
+        if not base:
+            raise UserError("--adapter needs --base RECIPE: the recipe whose base model serves the adapters")
+        recipe = load_recipe(base, overrides)
+        target = adapter_target(recipe, parse_adapters(adapters, recipe.serve.adapters))
+    else:
+        run = find_run(run_dir, recipe_name, root)
+        recipe = load_recipe(str(run.recipe_file), overrides)
+        target = merged_target(run, recipe)
+    serve(target, host or recipe.serve.host, port or recipe.serve.port, root, allow_unauthenticated)
+
+
+@main.command("pipeline")
+@click.argument("recipe")
+@overrides_option
+@listen_options
+@runs_dir_option
+def pipeline_cmd(recipe: str, overrides: tuple[str, ...], host: str | None, port: int | None,
+                 allow_unauthenticated: bool, runs_dir: str | None) -> None:
+    """Train, merge and serve RECIPE; a stage whose outputs are already current is skipped.
+
+    Training is current when the latest run finished with the same settings and data (an interrupted one
+    is resumed); a merged model is current when it was made from that run's adapter.
+    """
+    from qlora_app.pipeline import pipeline
+    from qlora_app.run_dir import runs_root
+
+    resolved = load_recipe(recipe, overrides)
+    pipeline(resolved, runs_root(runs_dir), host or resolved.serve.host, port or resolved.serve.port,
+             allow_unauthenticated)
+
+
+@main.command("demo")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: a free one).")
+@runs_dir_option
+def demo_cmd(port: int | None, runs_dir: str | None) -> None:
+    """The tiny built-in recipe through train -> merge -> serve on CPU, asked questions with the openai client."""
+    from qlora_app.demo import demo
+    from qlora_app.run_dir import runs_root
+
+    demo(runs_root(runs_dir), port)
+
+
+@main.command("health")
+def health_cmd() -> None:
+    """Exit 0 when no server runs here or every server answers /health, else 1 (the image's HEALTHCHECK)."""
+    from qlora_app.server_process import healthy
+
+    sys.exit(0 if healthy() else 1)

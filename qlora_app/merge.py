@@ -24,7 +24,7 @@ from qlora_app.recipe import Recipe
 from qlora_app.run_dir import RunDir, write_json_atomic, write_text_atomic
 from qlora_app.safetensors_stream import DTYPES, StreamWriter, entries, iter_tensors, read_header
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json")
 ADAPTER_PREFIX = "base_model.model."
 FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
@@ -53,7 +53,8 @@ def merge(run: RunDir, base_weights: str | None = None, verify: bool = True) -> 
         for shard in console_progress(shards):
             merge_shard(source / shard, staging / shard, deltas, scaling, recipe, mode)
         write_companions(source, staging, run, recipe)
-        report = {"base_weights": mode, "shards": len(shards), "merged_weights": len(deltas),
+        report = {"adapter_sha256": adapter_fingerprint(run), "base_weights": mode, "shards": len(shards),
+                  "merged_weights": len(deltas),
                   "merge_seconds": round(time.time() - started, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if verify:
@@ -65,6 +66,14 @@ def merge(run: RunDir, base_weights: str | None = None, verify: bool = True) -> 
         shutil.rmtree(staging, ignore_errors=True)
     console.note(f"merged model: {run.path / 'merged'} ({len(deltas)} weights merged, {mode} base weights)")
     return run.path / "merged"
+
+
+def adapter_fingerprint(run: RunDir) -> str:
+    """Which adapter a merged model came from: the pipeline re-merges when it changes."""
+    import hashlib
+
+    with open(run.adapter / "adapter_model.safetensors", "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_merged(recipe: Recipe, run: RunDir, staging: Path, source: Path, mode: str) -> dict:
@@ -211,7 +220,7 @@ def nf4_round_trip(weight, recipe: Recipe):
 
 
 def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -> None:
-    """config, tokenizer + chat template from training, a generation config that stops at end-of-turn, a card."""
+    """config; tokenizer, chat template and the generation config that stops at end-of-turn, from training; a card."""
     config = json.loads((source / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = recipe.merge.dtype
     write_json_atomic(staging / "config.json", config)
@@ -221,27 +230,7 @@ def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -
     for path in run.adapter.iterdir():
         if path.is_file() and not path.name.startswith("adapter_") and path.name != "README.md":
             shutil.copy(path, staging / path.name)
-    write_json_atomic(staging / "generation_config.json", generation_config(source, run))
     write_text_atomic(staging / "README.md", model_card(recipe, run))
-
-
-def generation_config(source: Path, run: RunDir) -> dict:
-    path = source / "generation_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    manifest = run.read_manifest()
-    eos = config.get("eos_token_id", [])
-    eos = [eos] if isinstance(eos, int) else list(eos)
-    for token_id in (manifest.get("chat", {}).get("end_of_turn_id"), tokenizer_eos_id(run.adapter)):
-        if token_id is not None and token_id not in eos:
-            eos.append(token_id)
-    config["eos_token_id"] = eos
-    return config
-
-
-def tokenizer_eos_id(adapter: Path) -> int | None:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(adapter).eos_token_id
 
 
 def model_card(recipe: Recipe, run: RunDir) -> str:

@@ -120,7 +120,9 @@ class ServeSpec(Section):
     base_quantization: Literal["none", "bitsandbytes"] = Field(
         "bitsandbytes", description="In adapter mode, load the shared base 4-bit (GPU only)."
     )
-    max_loras: int = Field(4, ge=1)
+    max_loras: int = Field(4, ge=1, description="Adapters active in one batch (vLLM --max-loras).")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        None, description="The server's max LoRA rank; default: the smallest that holds every adapter.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Model id -> run directory.")
 
 
@@ -142,6 +144,10 @@ class Recipe(Section):
     def with_section(self, section: str, **changes) -> Recipe:
         """A copy with fields of one section changed (values already valid: used by code, not by users)."""
         return self.model_copy(update={section: getattr(self, section).model_copy(update=changes)})
+
+    def training_fields(self) -> dict:
+        """What decides the trained adapter: two recipes equal here train the same run."""
+        return self.model_dump(exclude={"name", "description", "merge", "serve"})
 
     @property
     def max_model_len(self) -> int:

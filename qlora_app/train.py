@@ -54,7 +54,7 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Pat
         raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
     if run.finished:
         raise UserError(f"run {run.path} already finished; start a new one without --resume")
-    if run.recipe().model_dump(exclude={"name"}) != recipe.model_dump(exclude={"name"}):
+    if run.recipe().training_fields() != recipe.training_fields():
         raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
                         "or start a new run")
     for broken in run.incomplete_checkpoints():
@@ -107,7 +107,7 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     from qlora_app import train_outputs
 
     final_eval = trainer.evaluate()["eval_loss"]
-    train_outputs.save_adapter(trainer.model, tokenizer, recipe, run)
+    train_outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
     train_outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
     return run
 

@@ -59,12 +59,16 @@ def peak_memory() -> dict:
     return {"cpu_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
-    """Adapter + tokenizer (with its chat template) into run/adapter, atomically: no stage sees half of it."""
+def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir, end_of_turn_id: int | None) -> None:
+    """Adapter, tokenizer (with its chat template) and a generation config that stops at end-of-turn into
+    run/adapter, atomically: no stage sees half of it. Merge and serve take all three from here."""
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run.path))
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        base_config = model.get_base_model().generation_config.to_diff_dict()
+        write_json_atomic(staging / "generation_config.json",
+                          stop_at_end_of_turn(base_config, [end_of_turn_id, tokenizer.eos_token_id]))
         config_path = staging / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["revision"] = recipe.model.revision
@@ -75,6 +79,15 @@ def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
         staging.rename(run.adapter)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def stop_at_end_of_turn(config: dict, stop_ids: list[int | None]) -> dict:
+    """The base's generation config with the chat template's end-of-turn (and the tokenizer's eos) added to
+    eos_token_id, so generation stops where training taught the model to stop."""
+    eos = config.get("eos_token_id") or []
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    eos += [i for i in dict.fromkeys(stop_ids) if i is not None and i not in eos]
+    return {**config, "eos_token_id": eos}
 
 
 def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: float, data) -> None:

@@ -1,0 +1,118 @@
+"""The serve stage: vLLM's OpenAI-compatible server on a merged model, or on one base with many adapters.
+
+Checks run first (vLLM present, listen address and key, port, adapters, length, memory); then vLLM starts
+in its own process group, we wait for /health, print the endpoint, the model ids and a ready curl line, and
+keep it running until Ctrl-C or SIGTERM, which stop vLLM and all its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.table import Table
+
+from qlora_app import console
+from qlora_app.architecture import load_architecture
+from qlora_app.errors import UserError
+from qlora_app.serve_auth import KEY_ENV
+from qlora_app.serve_checks import (check_fits, check_listen, check_max_len, check_port_free,
+                                    check_vllm_installed, serve_weight_bytes)
+from qlora_app.server_process import VllmServer, local_url
+from qlora_app.serve_target import ServeTarget
+from qlora_app.vllm_command import Listen, vllm_command
+
+STARTUP_TIMEOUT_S = 30 * 60  # an 8B model downloaded on first use can take this long
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    server: VllmServer
+    model_ids: list[str]
+    startup_seconds: float
+
+    @property
+    def url(self) -> str:  # where clients on this machine reach it
+        return self.server.url
+
+
+def cuda_device_bytes() -> int | None:
+    import torch
+
+    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+
+
+def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: bool) -> list[str]:
+    """Every check that can fail before weights load; returns the vLLM command line."""
+    check_vllm_installed()
+    key_set = bool(os.environ.get(KEY_ENV))
+    check_listen(host, key_set, allow_unauthenticated)
+    check_port_free(host, port)
+    arch = load_architecture(target.recipe.model)
+    check_max_len(target, arch)
+    device_bytes = cuda_device_bytes()
+    if device_bytes is not None:
+        check_fits(target, arch, device_bytes, serve_weight_bytes(target, arch, cuda=True))
+    elif target.adapters and target.recipe.serve.base_quantization == "bitsandbytes":
+        console.note("no CUDA GPU: the base is served in 16-bit (serve.base_quantization applies on GPU)")
+    return vllm_command(target, Listen(host, port, key_set), cuda=device_bytes is not None)
+
+
+@contextmanager
+def running(target: ServeTarget, host: str, port: int, runs_root: Path,
+            allow_unauthenticated: bool = False) -> Iterator[Endpoint]:
+    """A vLLM server on target, up and answering, for the length of the block; stopped after it."""
+    command = preflight(target, host, port, allow_unauthenticated)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    log = runs_root / "logs" / f"serve-{target.served_name}-{stamp}.log"
+    with VllmServer(command, local_url(host, port), log) as server:
+        seconds = server.wait_ready(STARTUP_TIMEOUT_S)
+        server.echo = True
+        yield Endpoint(server, target.model_ids, seconds)
+
+
+def serve(target: ServeTarget, host: str, port: int, runs_root: Path, allow_unauthenticated: bool = False) -> None:
+    """Serve until Ctrl-C or SIGTERM; a vLLM that dies on its own is an error."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with running(target, host, port, runs_root, allow_unauthenticated) as endpoint:
+            print_ready(target, endpoint, host, port)
+            code = endpoint.server.wait()
+        raise UserError(f"vLLM stopped on its own with exit code {code} (log: {endpoint.server.log_path})")
+    except KeyboardInterrupt:
+        console.note("vLLM stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def print_ready(target: ServeTarget, endpoint: Endpoint, host: str, port: int) -> None:
+    key = bool(os.environ.get(KEY_ENV))
+    table = Table(title=f"serve: {target.served_name} is up", show_header=False)
+    table.add_row("endpoint", f"{endpoint.url}/v1" + ("" if host in ("127.0.0.1", "localhost") else f" (bound to {host})"))
+    table.add_row("model ids", ", ".join(endpoint.model_ids))
+    table.add_row("mode", f"{len(target.adapters)} LoRA adapters on {target.model}" if target.adapters
+                  else f"merged model {target.model}")
+    table.add_row("max model length", str(target.recipe.max_model_len))
+    table.add_row("API key", f"required (${KEY_ENV})" if key else "none (loopback only)")
+    table.add_row("startup", f"{endpoint.startup_seconds:.0f} s")
+    table.add_row("log", str(endpoint.server.log_path))
+    console.out.print(table)
+    console.out.print("try it:", style="bold")
+    console.out.print(curl_line(endpoint.url, endpoint.model_ids[-1], key), markup=False, highlight=False)
+    console.note("Ctrl-C stops the server")
+
+
+def curl_line(url: str, model: str, key: bool) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64})
+    auth = f' -H "Authorization: Bearer ${KEY_ENV}"' if key else ""
+    return f"curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
