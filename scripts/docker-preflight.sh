@@ -19,7 +19,7 @@ fail() {
 check_docker() {
   command -v "$DOCKER" >/dev/null ||
     fail "docker is not installed" "install Docker Engine: https://docs.docker.com/engine/install/ (README: Run on a rented GPU)"
-  "$DOCKER" info >/dev/null 2>&1 ||
+  runtimes=$("$DOCKER" info --format '{{json .Runtimes}}' 2>/dev/null) ||
     fail "docker is installed but its daemon cannot be reached" \
       "start it (sudo systemctl start docker) or join the docker group (sudo usermod -aG docker \$USER, then log in again)"
 }
@@ -32,7 +32,7 @@ check_gpu() {
   [ "${driver%%.*}" -ge "$MIN_DRIVER" ] 2>/dev/null ||
     fail "NVIDIA driver ${driver:-unknown} is too old for the image's CUDA 13.0 (needs $MIN_DRIVER or newer)" \
       "install a newer driver (sudo ubuntu-drivers install), then reboot"
-  "$DOCKER" info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia ||
+  [[ $runtimes == *nvidia* ]] ||
     command -v nvidia-container-runtime-hook >/dev/null ||
     fail "the NVIDIA container toolkit is missing: containers cannot see the GPU" \
       "install it and configure Docker (README: Run on a rented GPU):" \

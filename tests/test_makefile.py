@@ -4,6 +4,7 @@ docker: the image, GPU, user, mounts, ports, secrets passed by name only, and LO
 from __future__ import annotations
 
 import os
+import pty
 import re
 import shlex
 import shutil
@@ -86,6 +87,18 @@ def test_gpu_targets_run_the_image_with_gpu_user_mounts_and_secrets_by_name(targ
     assert option(words, "-e") == ["HF_TOKEN", "QLORA_API_KEY"]
     assert IMAGE in words
     assert "--interactive" not in words, "stdin is not a terminal here"
+
+
+def test_interactive_only_when_stdin_is_a_terminal():
+    leader, terminal = pty.openpty()
+    try:
+        result = subprocess.run(["make", "-n", "train"], cwd=REPO, stdin=terminal, capture_output=True, text=True,
+                                timeout=60)
+    finally:
+        os.close(leader)
+        os.close(terminal)
+    words = command_line(result.stdout, "docker run")
+    assert "--interactive" in words and "--tty" in words
 
 
 @pytest.mark.parametrize("target", APP_TARGETS)
