@@ -125,7 +125,7 @@ merge: $(APP_DEPS) ## Merge the latest run of RECIPE (or RUN) into a bf16 model 
 serve: $(APP_DEPS) ## Serve the merged RECIPE (or RUN) on BIND:PORT; BASE + ADAPTERS serve LoRA adapters instead
 	$(key_check)
 	$(call preflight,gpu)
-	$(call app,gpu,$(PUBLISH)) serve $(SERVE_ARGS) $(LISTEN)
+	$(call app,gpu,$(PUBLISH)) serve $(SERVE_ARGS) $(SET_ARGS) $(LISTEN)
 
 pipeline: $(APP_DEPS) ## Train, merge and serve RECIPE, skipping the stages already done
 	$(key_check)

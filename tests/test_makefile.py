@@ -158,6 +158,8 @@ def test_serve_publishes_on_loopback_without_a_key():
     assert app_args(words) == ["serve", "--recipe", "llama3-8b", "--host", "0.0.0.0", "--port", "8000",
                                "--allow-unauthenticated"]
     assert option(docker_run("serve", "BIND=localhost"), "-p") == ["127.0.0.1:8000:8000"]
+    assert app_args(docker_run("serve", "SET=serve.max_model_len=4096"))[2:5] == ["tiny", "--set",
+                                                                                 "serve.max_model_len=4096"]
 
 
 def test_serve_a_run_or_adapters():
