@@ -101,6 +101,7 @@ class VllmServer:
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM to vLLM and its workers (one process group), SIGKILL whatever is left after `grace` s."""
         self._state.unlink(missing_ok=True)
+        self.echo = False  # vLLM's shutdown chatter (leak reports of its bindings) goes to the log only
         if self.process is None or self.process.poll() is not None:
             return
         group = os.getpgid(self.process.pid)

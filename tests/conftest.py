@@ -75,3 +75,63 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> TrainedRun:
 def tiny_facts(name: str = "capitals.jsonl") -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in (REPO / "data" / "tiny" / name).read_text().splitlines() if line.strip()]
     return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Background:
+    """A command running in its own process group (a server), stopped like a user's Ctrl-C or SIGTERM would."""
+
+    def __init__(self, command: list[str], url: str, env: dict[str, str] | None = None, log: Path | None = None):
+        self.url = url
+        self.log = log or Path(os.devnull)
+        self.output = open(self.log, "w")
+        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, text=True,
+                                        stdout=self.output, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 300) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"server exited early:\n{self.read_log()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"no /health within {timeout} s:\n{self.read_log()[-3000:]}")
+
+    def read_log(self) -> str:
+        return self.log.read_text() if self.log.is_file() else ""
+
+    def terminate(self, timeout: float = 60) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.output.close()
+
+
+def processes_matching(fragment: str) -> list[str]:
+    """Command lines of live processes that contain fragment (to prove nothing was left behind)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if fragment in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE and proc.pid != os.getpid():
+            found.append(cmdline)
+    return found

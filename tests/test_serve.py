@@ -1,0 +1,220 @@
+"""The serve stage without a running server: the vLLM command line, the checks that run before vLLM starts
+(through the real CLI, one-line errors), and the API-key middleware on a real ASGI app."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, free_port, run_cli
+from qlora_app.errors import UserError
+from qlora_app.recipe_loader import load_recipe
+from qlora_app.serve_target import Adapter, ServeTarget, unsupported
+from qlora_app.vllm_command import AUTH_MIDDLEWARE, Listen, vllm_command
+
+KEY = "sk-unit-test-key-0123456789"
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def merged(recipe_name: str = "tiny", **serve) -> ServeTarget:
+    recipe = load_recipe(recipe_name).with_section("serve", **serve)
+    return ServeTarget(recipe, "/runs/tiny/1/merged", recipe.name, Path("/runs/tiny/1/merged"))
+
+
+def with_adapters(recipe_name: str, ranks: list[int], **serve) -> ServeTarget:
+    recipe = load_recipe(recipe_name).with_section("serve", **serve)
+    adapters = tuple(Adapter(f"a{i}", Path(f"/runs/{i}/adapter"), r) for i, r in enumerate(ranks))
+    return ServeTarget(recipe, recipe.model.path, recipe.name, adapters[0].path, adapters, recipe.model.revision)
+
+
+def test_merged_command_carries_the_recipe_and_the_training_files():
+    cmd = vllm_command(merged(), Listen("127.0.0.1", 8123, with_key=False), cuda=False, python="py")
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.launchers.api_server.entry"]
+    assert flag(cmd, "--model") == "/runs/tiny/1/merged"
+    assert flag(cmd, "--served-model-name") == "tiny"
+    assert flag(cmd, "--max-model-len") == "256" and flag(cmd, "--gpu-memory-utilization") == "0.5"
+    assert flag(cmd, "--chat-template") == "/runs/tiny/1/merged/chat_template.jinja"
+    assert flag(cmd, "--generation-config") == "/runs/tiny/1/merged"
+    assert (flag(cmd, "--host"), flag(cmd, "--port")) == ("127.0.0.1", "8123")
+    assert "--enforce-eager" in cmd and "--enable-lora" not in cmd and "--middleware" not in cmd
+    assert "--trust-remote-code" not in cmd
+
+
+def test_the_key_turns_on_the_middleware_and_never_appears_on_the_command_line(monkeypatch):
+    monkeypatch.setenv("QLORA_API_KEY", KEY)
+    cmd = vllm_command(merged(), Listen("0.0.0.0", 8000, with_key=True), cuda=True)
+    assert flag(cmd, "--middleware") == AUTH_MIDDLEWARE
+    assert "--api-key" not in cmd and not any(KEY in part for part in cmd)
+    assert "--enforce-eager" not in cmd  # CUDA graphs on GPU
+
+
+def test_adapter_mode_rank_slots_quantization_and_revision():
+    target = with_adapters("llama3-8b", [64, 16], base_quantization="bitsandbytes", max_loras=4)
+    cmd = vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=True)
+    assert flag(cmd, "--model") == "meta-llama/Meta-Llama-3-8B-Instruct" and flag(cmd, "--revision") == "main"
+    assert "--enable-lora" in cmd and flag(cmd, "--max-lora-rank") == "64" and flag(cmd, "--max-loras") == "2"
+    modules = cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3]
+    assert modules == ["a0=/runs/0/adapter", "a1=/runs/1/adapter"]
+    assert flag(cmd, "--quantization") == "bitsandbytes"
+    assert "--quantization" not in vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=False)
+
+
+@pytest.mark.parametrize(("ranks", "expected"), [([8], 8), ([12, 3], 16), ([64], 64), ([65], 128), ([300], 320)])
+def test_max_lora_rank_is_the_smallest_vllm_rank_that_holds_every_adapter(ranks, expected):
+    assert with_adapters("tiny", ranks).max_lora_rank == expected
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "['embed_tokens'] are not LoRA-capable"),
+    ({"r": 1024}, "rank 1024"),
+    ({"rank_pattern": {"q_proj": 1024}}, "rank 1024"),
+    ({"peft_type": "IA3"}, "not LoRA"),
+])
+def test_adapters_vllm_would_not_apply_are_named(change, problem):
+    config = {"peft_type": "LORA", "r": 16, "target_modules": ["q_proj", "v_proj"], **change}
+    assert problem in unsupported(config)
+
+
+def test_a_plain_lora_adapter_is_servable():
+    assert unsupported({"peft_type": "LORA", "r": 64, "target_modules": ["q_proj", "down_proj"]}) is None
+
+
+def test_memory_check_uses_kv_cache_for_the_full_length():
+    from qlora_app.architecture import load_architecture
+    from qlora_app.serve_checks import check_fits, serve_weight_bytes
+
+    GiB = 1024**3
+    target = merged("llama3-8b", max_model_len=8192, gpu_memory_utilization=0.9)
+    arch = load_architecture(target.recipe.model)
+    weights = serve_weight_bytes(target, arch, cuda=True)
+    assert 14.5 * GiB < weights < 15.5 * GiB  # 8.0B parameters in bf16
+    check_fits(target, arch, 24 * GiB, weights)  # 1 GiB of KV for 8192 tokens fits on a 24 GB card
+    with pytest.raises(UserError, match="serve.max_model_len=8192 does not fit"):
+        check_fits(target, arch, 16 * GiB, weights)
+    quantized = with_adapters("llama3-8b", [64], base_quantization="bitsandbytes")
+    assert serve_weight_bytes(quantized, arch, cuda=True) < 7 * GiB  # 4-bit base in adapter mode
+
+
+# --- the real CLI, before vLLM starts ------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def bare_run(trained_run, tmp_path) -> Path:
+    """A copy of the session's run (adapter, recipe, manifest) without a merged model."""
+    run = tmp_path / "tiny" / "run-1"
+    shutil.copytree(trained_run.path, run, ignore=shutil.ignore_patterns("merged", "checkpoints", "tensorboard"))
+    return run
+
+
+def stub_merged(run: Path) -> None:
+    """Enough of a merged model for the checks that run before vLLM (they read no weights)."""
+    (run / "merged").mkdir()
+    (run / "merged" / "config.json").write_text("{}")
+
+
+def test_serving_a_run_without_merged_model_says_how_to_make_it(bare_run):
+    result = run_cli("serve", str(bare_run), "--port", str(free_port()))
+    assert_one_line_error(result, "has no merged model", f"qlora-app merge {bare_run}")
+
+
+def test_busy_port_is_refused_before_vllm_starts(bare_run):
+    stub_merged(bare_run)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = run_cli("serve", str(bare_run), "--port", str(port))
+    assert_one_line_error(result, f"port {port} on 127.0.0.1 is already in use")
+
+
+def test_public_address_without_key_is_refused_unless_forced(bare_run):
+    stub_merged(bare_run)
+    result = run_cli("serve", str(bare_run), "--host", "0.0.0.0", env={"QLORA_API_KEY": ""})
+    assert_one_line_error(result, "refusing to serve on 0.0.0.0 without an API key", "QLORA_API_KEY")
+    with socket.socket() as sock:  # forced: the listen check passes and the next one (the port) speaks
+        sock.bind(("0.0.0.0", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        forced = run_cli("serve", str(bare_run), "--host", "0.0.0.0", "--port", str(port),
+                         "--allow-unauthenticated", env={"QLORA_API_KEY": ""})
+    assert_one_line_error(forced, f"port {port} on 0.0.0.0 is already in use")
+
+
+def test_max_model_len_beyond_the_model_is_refused(bare_run):
+    stub_merged(bare_run)
+    result = run_cli("serve", str(bare_run), "--port", str(free_port()), "--set", "serve.max_model_len=100000")
+    assert_one_line_error(result, "serve.max_model_len=100000 is beyond the model's")
+
+
+def test_adapter_incompatible_with_vllm_is_refused_with_its_name(bare_run):
+    config_path = bare_run / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "use_dora": True}))
+    result = run_cli("serve", "--base", "tiny", "--adapter", f"support={bare_run}", "--port", str(free_port()))
+    assert_one_line_error(result, "adapter 'support'", "DoRA")
+
+
+def test_adapter_from_another_base_is_refused(bare_run):
+    result = run_cli("serve", "--base", "mistral-7b", "--adapter", f"support={bare_run}")
+    assert_one_line_error(result, "adapter 'support' was trained on builtin:tiny-llama", "mistralai/")
+
+
+def test_adapter_arguments_are_checked(bare_run):
+    assert_one_line_error(run_cli("serve", "--base", "tiny", "--adapter", "nothing"), "expected NAME=RUN_DIR")
+    assert_one_line_error(run_cli("serve", "--adapter", f"a={bare_run}"), "--adapter needs --base RECIPE")
+    assert_one_line_error(run_cli("serve", "--base", "tiny", "--adapter", "tiny=" + str(bare_run)),
+                          "'tiny' is the base model's id")
+    assert_one_line_error(run_cli("serve", "--base", "tiny", "--adapter", "a=/nonexistent"),
+                          "not a run directory")
+
+
+def test_health_passes_when_no_server_runs():
+    assert run_cli("health").returncode == 0
+
+
+# --- the middleware, on a real Starlette app -----------------------------------------------------------------
+
+
+@pytest.fixture()
+def guarded(monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from qlora_app.serve_auth import RequireApiKey
+
+    monkeypatch.setenv("QLORA_API_KEY", KEY)
+    ok = lambda request: PlainTextResponse("ok")  # noqa: E731
+    stream = lambda request: StreamingResponse(iter(["a", "b", "c"]))  # noqa: E731
+    app = Starlette(routes=[Route("/health", ok), Route("/tokenize", ok, methods=["GET", "POST"]),
+                            Route("/v1/stream", stream)])
+    app.add_middleware(RequireApiKey)
+    return TestClient(app)
+
+
+def test_middleware_guards_everything_but_health(guarded):
+    assert guarded.get("/health").status_code == 200
+    denied = guarded.post("/tokenize")
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == 401
+    assert guarded.get("/tokenize", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert guarded.get("/tokenize", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert guarded.get("/tokenize", headers={"x-api-key": KEY}).status_code == 200
+    assert guarded.get("/v1/stream", headers={"Authorization": f"bearer {KEY}"}).text == "abc"
+
+
+def test_middleware_refuses_to_start_without_a_key(monkeypatch):
+    from qlora_app.serve_auth import RequireApiKey
+
+    monkeypatch.delenv("QLORA_API_KEY", raising=False)
+    with pytest.raises(RuntimeError, match="QLORA_API_KEY is empty"):
+        RequireApiKey(app=None)

@@ -1,0 +1,134 @@
+"""The whole pipeline for real: `make pipeline RECIPE=tiny LOCAL=1` on the session's trained run, served by
+vLLM (CPU build) once for this module, queried with the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import REPO, Background, free_port, processes_matching, tiny_facts
+
+API_KEY = "sk-test-4f1d9c0e-not-a-real-key"
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    """The pipeline through make with the session's runs folder: training is current, so it is skipped."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("pipeline") / "make-pipeline.log"
+    runs = trained_run.path.parent.parent
+    background = Background(["make", "--no-print-directory", "pipeline", "RECIPE=tiny", "LOCAL=1", f"PORT={port}"],
+                            f"http://127.0.0.1:{port}", env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY},
+                            log=log)
+    try:
+        background.wait_healthy(timeout=600)
+        yield background
+    finally:
+        background.terminate()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def post(url: str, body: dict, key: str | None = API_KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def get_status(url: str, key: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_pipeline_skips_current_training_and_serves_under_the_recipe_name(server, client):
+    assert "train: skipped" in server.read_log()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_answers_memorized_questions_exactly_and_stops(client):
+    facts = tiny_facts()
+    replies = [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                              temperature=0, max_tokens=48).choices[0] for q, _ in facts]
+    exact = sum(r.message.content == a for r, (_, a) in zip(replies, facts))
+    assert exact >= 0.9 * len(facts), [r.message.content for r in replies]
+    assert all(r.finish_reason == "stop" for r in replies)
+
+
+def test_streaming_returns_the_same_text(client):
+    for question, _ in tiny_facts()[:5]:
+        messages = [{"role": "user", "content": question}]
+        whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=48)
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                     max_tokens=48, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == whole.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_tokenize_gives_the_token_ids_training_used(server, trained_run):
+    from qlora_app.encoding import encode_chat, load_tokenizer, render
+    from qlora_app.run_dir import RunDir
+
+    tokenizer = load_tokenizer(RunDir(trained_run.path).recipe())
+    question, taught = tiny_facts()[3]
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": taught}]
+    trained_ids, _, _ = encode_chat(conversation, tokenizer, "test")
+    status, served = post(f"{server.url}/tokenize", {"model": "tiny", "messages": conversation,
+                                                     "add_generation_prompt": False})
+    assert status == 200 and served["tokens"] == trained_ids
+    prompt_ids = tokenizer(render(tokenizer, conversation[:1], add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+    status, served = post(f"{server.url}/tokenize", {"model": "tiny", "messages": conversation[:1],
+                                                     "add_generation_prompt": True})
+    assert served["tokens"] == prompt_ids == trained_ids[:len(prompt_ids)]
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/tokenize", "/invocations", "/metrics", "/v1/chat/completions",
+                                  "/version"])
+def test_every_route_but_health_needs_the_key(server, path):
+    assert get_status(server.url + path) == 401
+    assert get_status(server.url + path, key="sk-wrong") == 401
+
+
+def test_health_is_open_and_the_key_opens_the_rest(server):
+    assert get_status(f"{server.url}/health") == 200
+    assert get_status(f"{server.url}/v1/models", key=API_KEY) == 200
+    assert get_status(f"{server.url}/metrics", key=API_KEY) == 200
+
+
+def test_over_long_prompt_is_a_400_and_the_server_keeps_answering(server, client):
+    too_long = "capital " * 400  # the recipe's serve.max_model_len is 256
+    status, body = post(f"{server.url}/v1/chat/completions",
+                        {"model": "tiny", "messages": [{"role": "user", "content": too_long}], "max_tokens": 8})
+    assert status == 400, body
+    assert "256" in json.dumps(body)
+    question, taught = tiny_facts()[0]
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=48)
+    assert reply.choices[0].message.content == taught
+
+
+def test_sigterm_stops_vllm_and_all_its_workers(server):
+    """Last in the module: SIGTERM to the make process group, as `docker stop` or a service manager sends it."""
+    port = server.url.rsplit(":", 1)[1]
+    assert len(processes_matching(f"--port {port}")) >= 2  # qlora-app and vLLM (and its engine core)
+    server.terminate()  # make itself dies of the signal; qlora-app stops vLLM and says so
+    assert "vLLM stopped" in server.read_log(), server.read_log()[-2000:]
+    assert "Traceback" not in server.read_log()
+    assert processes_matching(f"--port {port}") == []
