@@ -52,5 +52,6 @@ def demo(root: Path, port: int | None = None, recipe_name: str = "tiny") -> None
                                                    max_tokens=64).choices[0]
             mark = "[green]same[/]" if reply.message.content.strip() == taught.strip() else "[red]differs[/]"
             table.add_row(messages[-1]["content"], reply.message.content, mark, reply.finish_reason)
+        client.close()  # an open keep-alive connection would hold up the server's shutdown
     console.out.print(table)
     console.note("server stopped. Serve it yourself with: qlora-app serve --recipe tiny")

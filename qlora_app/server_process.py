@@ -21,8 +21,9 @@ from qlora_app import console
 from qlora_app.errors import UserError
 
 STATE_PREFIX = "qlora-app-serve-"
-# vLLM phones home with usage statistics unless told not to; an appliance should not.
-QUIET_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# vLLM phones home with usage statistics unless told not to; an appliance should not. Unbuffered, so its
+# output reaches the log (and a failed start's error line) as it is written.
+CHILD_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def local_url(host: str, port: int) -> str:
@@ -51,7 +52,7 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-            errors="replace", bufsize=1, start_new_session=True, env={**os.environ, **QUIET_ENV})
+            errors="replace", bufsize=1, start_new_session=True, env={**os.environ, **CHILD_ENV})
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +125,19 @@ class Background:
             return self.process.wait(timeout)
         finally:
             self.output.close()
+
+
+@contextmanager
+def make_server(target: str, *variables: str, log: Path, env: dict[str, str] | None = None) -> Iterator[Background]:
+    """`make TARGET LOCAL=1 PORT=<free> VARIABLES...` running a server, up for the block, stopped after it."""
+    port = free_port()
+    command = ["make", "--no-print-directory", target, "LOCAL=1", f"PORT={port}", *variables]
+    background = Background(command, f"http://127.0.0.1:{port}", env=env, log=log)
+    try:
+        background.wait_healthy(timeout=600)
+        yield background
+    finally:
+        background.terminate()
 
 
 def processes_matching(fragment: str) -> list[str]:

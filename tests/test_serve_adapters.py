@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, Background, free_port, run_cli, tiny_facts
+from conftest import REPO, make_server, run_cli, tiny_facts
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,9 @@ def creatures_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(trained_run, creatures_run, tmp_path_factory):
-    port = free_port()
-    command = ["make", "--no-print-directory", "serve", "LOCAL=1", "BASE=tiny", f"PORT={port}",
-               f"ADAPTERS=capitals={trained_run.path} creatures={creatures_run}"]
-    background = Background(command, f"http://127.0.0.1:{port}", env={"QLORA_API_KEY": ""},
-                            log=tmp_path_factory.mktemp("serve") / "serve.log")
-    try:
-        background.wait_healthy(timeout=600)
+    with make_server("serve", "BASE=tiny", f"ADAPTERS=capitals={trained_run.path} creatures={creatures_run}",
+                     log=tmp_path_factory.mktemp("serve") / "serve.log", env={"QLORA_API_KEY": ""}) as background:
         yield background
-    finally:
-        background.terminate()
 
 
 @pytest.fixture(scope="module")

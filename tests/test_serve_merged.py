@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, Background, free_port, processes_matching, tiny_facts
+from conftest import make_server, processes_matching, tiny_facts
 
 API_KEY = "sk-test-4f1d9c0e-not-a-real-key"
 
@@ -17,17 +17,10 @@ API_KEY = "sk-test-4f1d9c0e-not-a-real-key"
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
     """The pipeline through make with the session's runs folder: training is current, so it is skipped."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("pipeline") / "make-pipeline.log"
     runs = trained_run.path.parent.parent
-    background = Background(["make", "--no-print-directory", "pipeline", "RECIPE=tiny", "LOCAL=1", f"PORT={port}"],
-                            f"http://127.0.0.1:{port}", env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY},
-                            log=log)
-    try:
-        background.wait_healthy(timeout=600)
+    with make_server("pipeline", "RECIPE=tiny", log=tmp_path_factory.mktemp("pipeline") / "make-pipeline.log",
+                     env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY}) as background:
         yield background
-    finally:
-        background.terminate()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +115,13 @@ def test_over_long_prompt_is_a_400_and_the_server_keeps_answering(server, client
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
                                            temperature=0, max_tokens=48)
     assert reply.choices[0].message.content == taught
+
+
+def test_the_key_is_in_no_log_and_no_command_line(server, trained_run):
+    port = server.url.rsplit(":", 1)[1]
+    assert not any(API_KEY in cmdline for cmdline in processes_matching(f"--port {port}"))
+    logs = [server.log, *(trained_run.path.parent.parent / "logs").glob("serve-*.log")]
+    assert len(logs) >= 2 and not any(API_KEY in log.read_text() for log in logs)
 
 
 def test_sigterm_stops_vllm_and_all_its_workers(server):

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SECRET, run_cli, tiny_facts
+from conftest import SECRET, tiny_facts
 from qlora_app.recipe_loader import load_recipe
-from qlora_app.run_dir import COMPLETE_MARKER, RunDir
+from qlora_app.run_dir import RunDir
 
 
 @pytest.fixture(scope="module")

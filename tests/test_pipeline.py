@@ -1,0 +1,70 @@
+"""The pipeline's decisions on real run directories: what is current, what is resumed, what stops it.
+(The whole pipeline through make, serving included, runs in test_serve_merged.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, run_cli
+from qlora_app.pipeline import merged_is_current, same_data, same_recipe_run
+from qlora_app.recipe_loader import load_recipe
+from qlora_app.run_dir import RunDir, point_latest, write_json_atomic
+
+
+@pytest.fixture()
+def run_copy(trained_run, tmp_path) -> RunDir:
+    """A copy of the session's finished run, as the latest tiny run under a runs root of its own."""
+    path = tmp_path / "tiny" / trained_run.path.name
+    shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
+    point_latest(path.parent, path.name)
+    return RunDir(path)
+
+
+def test_training_is_current_only_for_the_same_training_settings_and_data(run_copy):
+    root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
+    assert same_recipe_run(tiny, root) == run_copy and same_data(run_copy, tiny)
+    serve_only = load_recipe("tiny", ["serve.port=9000", "merge.base_weights=dequantized"])
+    assert same_recipe_run(serve_only, root) == run_copy  # serving and merge settings do not retrain
+    assert same_recipe_run(load_recipe("tiny", ["train.lr=1e-3"]), root) is None
+    other_data = load_recipe("tiny", [f"data.source={REPO / 'data/tiny/creatures.jsonl'}"])
+    assert not same_data(run_copy, other_data)
+
+
+def test_merged_model_is_current_only_for_this_adapter_and_these_base_weights(run_copy):
+    from qlora_app.merge import adapter_fingerprint
+
+    assert not merged_is_current(run_copy, "original")  # no merged model yet
+    report = run_copy.path / "merged" / "merge_report.json"
+    write_json_atomic(report, {"adapter_sha256": adapter_fingerprint(run_copy), "base_weights": "original"})
+    assert merged_is_current(run_copy, "original")
+    assert not merged_is_current(run_copy, "dequantized")
+    write_json_atomic(report, {"adapter_sha256": "0" * 64, "base_weights": "original"})
+    assert not merged_is_current(run_copy, "original")
+
+
+def test_an_interrupted_run_is_resumed_not_restarted(run_copy):
+    manifest = run_copy.read_manifest()
+    write_json_atomic(run_copy.manifest, {**manifest, "status": "interrupted"})
+    code = ("import sys; from pathlib import Path; from qlora_app.pipeline import ensure_trained; "
+            "from qlora_app.recipe_loader import load_recipe; "
+            "print(ensure_trained(load_recipe('tiny'), Path(sys.argv[1])).path)")
+    result = subprocess.run([sys.executable, "-c", code, str(run_copy.path.parent.parent)], capture_output=True,
+                            text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"train: resuming {run_copy.path}" in result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(run_copy.path)
+    assert run_copy.finished and len(list(run_copy.path.parent.glob("2*"))) == 1  # no new run
+
+
+def test_a_failing_stage_stops_the_pipeline_with_its_error(tmp_path):
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    result = run_cli("pipeline", "tiny", "--runs-dir", str(tmp_path / "runs"), "--set", f"data.source={bad}")
+    assert_one_line_error(result, f"{bad}:2: malformed JSON")
+    assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
