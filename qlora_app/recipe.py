@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 
@@ -113,13 +113,21 @@ class MergeSpec(Section):
 
 
 class ServeSpec(Section):
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _no_bitsandbytes(cls, value):
+        if value == "bitsandbytes":
+            raise ValueError("vLLM 0.32 has no bitsandbytes loader any more; use 'fp8' (8-bit weights quantized "
+                             "as they load) or 'none'")
+        return value
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_model_len: int | None = Field(None, ge=16, description="Defaults to data.max_length.")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
-    base_quantization: Literal["none", "bitsandbytes"] = Field(
-        "bitsandbytes", description="In adapter mode, load the shared base 4-bit (GPU only)."
-    )
+    quantization: Literal["none", "fp8"] = Field(
+        "none", description="fp8: vLLM quantizes the served weights to FP8 as they load (GPU only; halves their "
+                            "memory, room for a longer KV cache or more adapters).")
     max_loras: int = Field(4, ge=1, description="Adapters active in one batch (vLLM --max-loras).")
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
         None, description="The server's max LoRA rank; default: the smallest that holds every adapter.")

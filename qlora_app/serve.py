@@ -43,9 +43,23 @@ class Endpoint:
 
 
 def cuda_device_bytes() -> int | None:
-    import torch
+    """Total memory of the GPU vLLM will use, from NVML (nvidia-ml-py, a vLLM dependency on CUDA), or None
+    without one. Not through torch: a CUDA context in this process would hold memory vLLM counts on."""
+    try:
+        import pynvml
 
-    return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
+        pynvml.nvmlInit()
+    except Exception:  # no package, no driver: pynvml raises its own error classes or OSError
+        return None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        if not pynvml.nvmlDeviceGetCount() or visible in ("", "-1"):
+            return None
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(visible))
+        return pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: bool) -> list[str]:
@@ -59,8 +73,9 @@ def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: 
     device_bytes = cuda_device_bytes()
     if device_bytes is not None:
         check_fits(target, arch, device_bytes, serve_weight_bytes(target, arch, cuda=True))
-    elif target.adapters and target.recipe.serve.base_quantization == "bitsandbytes":
-        console.note("no CUDA GPU: the base is served in 16-bit (serve.base_quantization applies on GPU)")
+    elif target.recipe.serve.quantization != "none":
+        console.note(f"no CUDA GPU: weights are served in 16-bit (serve.quantization="
+                     f"{target.recipe.serve.quantization} applies on GPU)")
     return vllm_command(target, Listen(host, port, key_set), cuda=device_bytes is not None)
 
 

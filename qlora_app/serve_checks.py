@@ -10,7 +10,7 @@ import socket
 
 from qlora_app.architecture import Architecture
 from qlora_app.errors import UserError
-from qlora_app.planner import CUDA_CONTEXT, GiB, base_weight_bytes
+from qlora_app.planner import CUDA_CONTEXT, GiB
 from qlora_app.serve_auth import KEY_ENV
 from qlora_app.serve_target import ServeTarget
 
@@ -60,9 +60,9 @@ def check_max_len(target: ServeTarget, arch: Architecture) -> None:
 
 
 def serve_weight_bytes(target: ServeTarget, arch: Architecture, cuda: bool) -> int:
-    recipe = target.recipe
-    if target.adapters and cuda and recipe.serve.base_quantization == "bitsandbytes":
-        return sum(base_weight_bytes(recipe.with_section("quantization", enabled=True), arch))
+    """16-bit weights; with fp8 the decoder's projections take one byte each (embeddings and head stay 16-bit)."""
+    if cuda and target.recipe.serve.quantization == "fp8":
+        return arch.total_params * 2 - arch.layers * arch.layer_linear_params
     return arch.total_params * 2
 
 

@@ -33,8 +33,10 @@ def vllm_command(target: ServeTarget, listen: Listen, cuda: bool, python: str = 
            "--host", listen.host, "--port", str(listen.port)]
     if target.revision:
         cmd += ["--revision", target.revision]
+    if cuda and serve.quantization != "none":
+        cmd += ["--quantization", serve.quantization]
     if target.adapters:
-        cmd += adapter_flags(target, cuda)
+        cmd += adapter_flags(target)
     if model.trust_remote_code:
         cmd.append("--trust-remote-code")
     if not cuda:
@@ -44,11 +46,7 @@ def vllm_command(target: ServeTarget, listen: Listen, cuda: bool, python: str = 
     return cmd
 
 
-def adapter_flags(target: ServeTarget, cuda: bool) -> list[str]:
-    serve = target.recipe.serve
-    flags = ["--enable-lora", "--max-lora-rank", str(target.max_lora_rank),
-             "--max-loras", str(min(serve.max_loras, len(target.adapters))),
-             "--lora-modules", *(f"{a.name}={a.path}" for a in target.adapters)]
-    if cuda and serve.base_quantization == "bitsandbytes":
-        flags += ["--quantization", "bitsandbytes"]
-    return flags
+def adapter_flags(target: ServeTarget) -> list[str]:
+    return ["--enable-lora", "--max-lora-rank", str(target.max_lora_rank),
+            "--max-loras", str(min(target.recipe.serve.max_loras, len(target.adapters))),
+            "--lora-modules", *(f"{a.name}={a.path}" for a in target.adapters)]

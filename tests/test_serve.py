@@ -56,13 +56,13 @@ def test_the_key_turns_on_the_middleware_and_never_appears_on_the_command_line(m
 
 
 def test_adapter_mode_rank_slots_quantization_and_revision():
-    target = with_adapters("llama3-8b", [64, 16], base_quantization="bitsandbytes", max_loras=4)
+    target = with_adapters("llama3-8b", [64, 16], quantization="fp8", max_loras=4)
     cmd = vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=True)
     assert flag(cmd, "--model") == "meta-llama/Meta-Llama-3-8B-Instruct" and flag(cmd, "--revision") == "main"
     assert "--enable-lora" in cmd and flag(cmd, "--max-lora-rank") == "64" and flag(cmd, "--max-loras") == "2"
     modules = cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3]
     assert modules == ["a0=/runs/0/adapter", "a1=/runs/1/adapter"]
-    assert flag(cmd, "--quantization") == "bitsandbytes"
+    assert flag(cmd, "--quantization") == "fp8"
     assert "--quantization" not in vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=False)
 
 
@@ -100,8 +100,9 @@ def test_memory_check_uses_kv_cache_for_the_full_length():
     check_fits(target, arch, 24 * GiB, weights)  # 1 GiB of KV for 8192 tokens fits on a 24 GB card
     with pytest.raises(UserError, match="serve.max_model_len=8192 does not fit"):
         check_fits(target, arch, 16 * GiB, weights)
-    quantized = with_adapters("llama3-8b", [64], base_quantization="bitsandbytes")
-    assert serve_weight_bytes(quantized, arch, cuda=True) < 7 * GiB  # 4-bit base in adapter mode
+    fp8 = with_adapters("llama3-8b", [64], quantization="fp8")
+    assert 8 * GiB < serve_weight_bytes(fp8, arch, cuda=True) < 9 * GiB  # projections 1 byte, embeddings 2
+    assert serve_weight_bytes(fp8, arch, cuda=False) == weights  # CPU: no fp8, 16-bit as loaded
 
 
 # --- the real CLI, before vLLM starts ------------------------------------------------------------------------
@@ -175,6 +176,11 @@ def test_adapter_arguments_are_checked(bare_run):
                           "'tiny' is the base model's id")
     assert_one_line_error(run_cli("serve", "--base", "tiny", "--adapter", "a=/nonexistent"),
                           "not a run directory")
+
+
+def test_bitsandbytes_serving_is_refused_with_the_alternative():
+    result = run_cli("show", "tiny", "--set", "serve.quantization=bitsandbytes")
+    assert_one_line_error(result, "serve.quantization: vLLM 0.32 has no bitsandbytes loader", "'fp8'")
 
 
 def test_health_passes_when_no_server_runs():
