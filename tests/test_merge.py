@@ -150,7 +150,7 @@ def sharded_run(tmp_path_factory, trained_run):
             if "lora_B" in name:
                 param.normal_(std=0.01)
     peft_model.save_pretrained(run / "adapter")
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(trained_run.path / "adapter" / name, run / "adapter" / name)
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     recipe["model"]["path"] = str(base)
