@@ -46,7 +46,9 @@ def verify(recipe: Recipe, adapter: Path, merged: Path, source: Path, mode: str)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per small load, four times over, would bury the report
     examples = heldout_examples(recipe, AutoTokenizer.from_pretrained(adapter))
     dtype = getattr(torch, recipe.merge.dtype)
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype).eval()
