@@ -187,6 +187,20 @@ def test_health_passes_when_no_server_runs():
     assert run_cli("health").returncode == 0
 
 
+def test_health_fails_while_a_server_here_does_not_answer(tmp_path):
+    import os
+    import tempfile
+
+    from qlora_app.server_process import STATE_PREFIX
+
+    state = Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{os.getpid()}.json"
+    state.write_text(json.dumps({"pid": os.getpid(), "url": f"http://127.0.0.1:{free_port()}"}))
+    try:
+        assert run_cli("health").returncode == 1
+    finally:
+        state.unlink()
+
+
 # --- the middleware, on a real Starlette app -----------------------------------------------------------------
 
 

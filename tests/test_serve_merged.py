@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import make_server, processes_matching, tiny_facts
+from conftest import make_server, processes_matching, run_cli, tiny_facts
 
 API_KEY = "sk-test-4f1d9c0e-not-a-real-key"
 
@@ -101,6 +101,7 @@ def test_every_route_but_health_needs_the_key(server, path):
 
 def test_health_is_open_and_the_key_opens_the_rest(server):
     assert get_status(f"{server.url}/health") == 200
+    assert run_cli("health").returncode == 0  # the image's HEALTHCHECK, finding this server
     assert get_status(f"{server.url}/v1/models", key=API_KEY) == 200
     assert get_status(f"{server.url}/metrics", key=API_KEY) == 200
 
