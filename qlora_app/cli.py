@@ -8,7 +8,6 @@ import click
 
 from qlora_app import __version__, console
 from qlora_app.errors import UserError
-from qlora_app.recipe_loader import load_recipe
 
 SET_HELP = "Override a recipe value, e.g. --set train.lr=1e-4 --set lora.r=16 (repeatable)."
 
@@ -36,6 +35,21 @@ def gpu_option(fn):
         "--gpu-memory", type=click.FloatRange(min=1), default=24.0, show_default=True, metavar="GIB",
         help="GPU memory to plan for, in GiB.",
     )(fn)
+
+
+def runs_dir_option(fn):
+    return click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+                        help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")(fn)
+
+
+def listen_options(fn):
+    fn = click.option("--allow-unauthenticated", is_flag=True,
+                      help="Serve on a non-loopback address without QLORA_API_KEY (e.g. inside a container "
+                           "whose port is published on the host's loopback only).")(fn)
+    fn = click.option("--port", type=click.IntRange(1, 65535), default=None,
+                      help="Port (default: the recipe's serve.port, 8000).")(fn)
+    return click.option("--host", default=None, help="Address to bind (default: the recipe's serve.host, "
+                                                     "127.0.0.1). Anything else needs QLORA_API_KEY.")(fn)
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,8 +107,7 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare
 @overrides_option
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
               help="Continue the latest run of RECIPE (or RUN_DIR) from its newest complete checkpoint.")
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
-              help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")
+@runs_dir_option
 def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, runs_dir: str | None) -> None:
     """QLoRA-fine-tune RECIPE into runs/RECIPE/RUN_ID (adapter, tokenizer, metrics, manifest, loss curve).
 
@@ -122,8 +135,7 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, runs_
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the merged model with base + adapter on held-out examples before publishing it "
                    "(loads the model a few times: on CPU an 8B check needs about 20 GB of RAM).")
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
-              help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")
+@runs_dir_option
 def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | None, verify: bool,
               runs_dir: str | None) -> None:
     """Merge a run's adapter into a standard 16-bit model in RUN_DIR/merged (default: the latest run).
@@ -135,21 +147,6 @@ def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | 
     from qlora_app.run_dir import find_run, runs_root
 
     merge(find_run(run_dir, recipe_name, runs_root(runs_dir)), base_weights, verify)
-
-
-def runs_dir_option(fn):
-    return click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
-                        help="Root of run directories (default: $QLORA_RUNS_DIR or ./runs).")(fn)
-
-
-def listen_options(fn):
-    fn = click.option("--allow-unauthenticated", is_flag=True,
-                      help="Serve on a non-loopback address without QLORA_API_KEY (e.g. inside a container "
-                           "whose port is published on the host's loopback only).")(fn)
-    fn = click.option("--port", type=click.IntRange(1, 65535), default=None,
-                      help="Port (default: the recipe's serve.port, 8000).")(fn)
-    return click.option("--host", default=None, help="Address to bind (default: the recipe's serve.host, "
-                                                     "127.0.0.1). Anything else needs QLORA_API_KEY.")(fn)
 
 
 @main.command("serve")
@@ -171,6 +168,7 @@ def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, ad
     With --base RECIPE and --adapter NAME=RUN_DIR ...: one base, each LoRA adapter its own model id.
     Set QLORA_API_KEY to require 'Authorization: Bearer <key>' on every route but /health.
     """
+    from qlora_app.recipe_loader import load_recipe
     from qlora_app.run_dir import find_run, runs_root
     from qlora_app.serve import serve
     from qlora_app.serve_target import adapter_target, merged_target, parse_adapters
@@ -203,6 +201,7 @@ def pipeline_cmd(recipe: str, overrides: tuple[str, ...], host: str | None, port
     is resumed); a merged model is current when it was made from that run's adapter.
     """
     from qlora_app.pipeline import pipeline
+    from qlora_app.recipe_loader import load_recipe
     from qlora_app.run_dir import runs_root
 
     resolved = load_recipe(recipe, overrides)

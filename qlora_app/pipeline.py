@@ -38,8 +38,8 @@ def ensure_trained(recipe: Recipe, root: Path) -> RunDir:
         console.note(f"train: skipped, {run.path} is current (same recipe and data)")
         return run
     if run is not None and not run.finished and run.complete_checkpoints():
-        console.note(f"train: resuming {run.path} from {run.complete_checkpoints()[-1].name}")
-        return train(recipe, root, resume=str(run.path))
+        console.note(f"train: resuming {run.path}")
+        return train(recipe, root, resume=str(run.path))  # says from which checkpoint
     return train(recipe, root)
 
 

@@ -23,7 +23,7 @@ from qlora_app.architecture import load_architecture
 from qlora_app.errors import UserError
 from qlora_app.serve_auth import KEY_ENV
 from qlora_app.serve_checks import (check_fits, check_listen, check_max_len, check_port_free,
-                                    check_vllm_installed, serve_weight_bytes)
+                                    check_vllm_installed, is_loopback, serve_weight_bytes)
 from qlora_app.server_process import VllmServer, local_url
 from qlora_app.serve_target import ServeTarget
 from qlora_app.vllm_command import Listen, vllm_command
@@ -113,7 +113,7 @@ def _interrupt(signum, frame):
 def print_ready(target: ServeTarget, endpoint: Endpoint, host: str, port: int) -> None:
     key = bool(os.environ.get(KEY_ENV))
     table = Table(title=f"serve: {target.served_name} is up", show_header=False)
-    table.add_row("endpoint", f"{endpoint.url}/v1" + ("" if host in ("127.0.0.1", "localhost") else f" (bound to {host})"))
+    table.add_row("endpoint", f"{endpoint.url}/v1" + ("" if is_loopback(host) else f" (bound to {host})"))
     table.add_row("model ids", ", ".join(endpoint.model_ids))
     table.add_row("mode", f"{len(target.adapters)} LoRA adapters on {target.model}" if target.adapters
                   else f"merged model {target.model}")
