@@ -150,6 +150,18 @@ def test_public_address_without_key_is_refused_unless_forced(bare_run):
     assert_one_line_error(forced, f"port {port} on 0.0.0.0 is already in use")
 
 
+def test_missing_vllm_is_named_with_what_to_install(bare_run):
+    """sys.modules['vllm'] = None is how Python marks a module as not importable: the environment without vLLM."""
+    import subprocess
+    import sys
+
+    stub_merged(bare_run)
+    code = "import sys; sys.modules['vllm'] = None; from qlora_app.cli import main; main()"
+    result = subprocess.run([sys.executable, "-c", code, "serve", str(bare_run), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "vLLM is not installed in this environment", "make image")
+
+
 def test_max_model_len_beyond_the_model_is_refused(bare_run):
     stub_merged(bare_run)
     result = run_cli("serve", str(bare_run), "--port", str(free_port()), "--set", "serve.max_model_len=100000")
