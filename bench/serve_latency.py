@@ -63,9 +63,8 @@ def timed_requests(url: str, model: str, n: int, warmup: int = 3) -> dict:
 
 def measure(name: str, target, root: Path, n: int) -> dict:
     started = time.perf_counter()
-    with running(target, "127.0.0.1", free_port(), root) as endpoint:
+    with running(target, "127.0.0.1", free_port(), root, echo=False) as endpoint:
         cold = time.perf_counter() - started  # includes our pre-start checks
-        endpoint.server.echo = False
         model = target.adapters[0].name if target.adapters else target.served_name
         result = {"mode": name, "cold_start_s": round(cold, 1), **timed_requests(endpoint.url, model, n)}
     print(json.dumps(result), flush=True)

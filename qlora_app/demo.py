@@ -40,8 +40,8 @@ def demo(root: Path, port: int | None = None, recipe_name: str = "tiny") -> None
     recipe = load_recipe(recipe_name)
     run = ensure_trained(recipe, root)
     ensure_merged(run, recipe)
-    with running(merged_target(run, recipe), "127.0.0.1", port or free_port(), root) as endpoint:
-        endpoint.server.echo = False  # vLLM's request log would bury the table
+    # echo off: vLLM's request log would bury the table
+    with running(merged_target(run, recipe), "127.0.0.1", port or free_port(), root, echo=False) as endpoint:
         client = OpenAI(base_url=f"{endpoint.url}/v1", api_key=os.environ.get(KEY_ENV) or "not-needed")
         table = Table(title=f"demo: {recipe.name} served by vLLM at {endpoint.url}/v1 "
                             f"(up in {endpoint.startup_seconds:.0f} s)")
@@ -54,4 +54,4 @@ def demo(root: Path, port: int | None = None, recipe_name: str = "tiny") -> None
             table.add_row(messages[-1]["content"], reply.message.content, mark, reply.finish_reason)
         client.close()  # an open keep-alive connection would hold up the server's shutdown
     console.out.print(table)
-    console.note("server stopped. Serve it yourself with: qlora-app serve --recipe tiny")
+    console.note(f"server stopped. Serve it yourself with: qlora-app serve --recipe {recipe.name}")

@@ -46,10 +46,9 @@ class RunDir:
 
     @classmethod
     def create(cls, recipe: Recipe, root: Path) -> RunDir:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         base = root / recipe.name
         base.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=base))  # unique even for two runs in one second
+        path = Path(tempfile.mkdtemp(prefix=f"{file_stamp()}-", dir=base))  # unique even for two runs in one second
         path.chmod(0o755)
         run = cls(path)
         write_text_atomic(run.recipe_file, dump_recipe(recipe))
@@ -97,6 +96,11 @@ class RunDir:
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a Trainer checkpoint folder (checkpoint-N) was saved at."""
     return int(checkpoint.name.split("-")[-1])
+
+
+def file_stamp() -> str:
+    """UTC time for names of run directories and logs: sorts by time, no characters a shell minds."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 def utc_timestamp() -> str:

@@ -13,7 +13,6 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.table import Table
@@ -21,6 +20,7 @@ from rich.table import Table
 from qlora_app import console
 from qlora_app.architecture import load_architecture
 from qlora_app.errors import UserError
+from qlora_app.run_dir import file_stamp
 from qlora_app.serve_auth import KEY_ENV
 from qlora_app.serve_checks import (check_fits, check_listen, check_max_len, check_port_free,
                                     check_vllm_installed, is_loopback, serve_weight_bytes)
@@ -80,15 +80,15 @@ def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: 
 
 
 @contextmanager
-def running(target: ServeTarget, host: str, port: int, runs_root: Path,
-            allow_unauthenticated: bool = False) -> Iterator[Endpoint]:
-    """A vLLM server on target, up and answering, for the length of the block; stopped after it."""
+def running(target: ServeTarget, host: str, port: int, runs_root: Path, allow_unauthenticated: bool = False,
+            echo: bool = True) -> Iterator[Endpoint]:
+    """A vLLM server on target, up and answering, for the length of the block; stopped after it.
+    With echo, vLLM's output goes to stderr once it is up (it always goes to the log)."""
     command = preflight(target, host, port, allow_unauthenticated)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    log = runs_root / "logs" / f"serve-{target.served_name}-{stamp}.log"
+    log = runs_root / "logs" / f"serve-{target.served_name}-{file_stamp()}.log"
     with VllmServer(command, local_url(host, port), log) as server:
         seconds = server.wait_ready(STARTUP_TIMEOUT_S)
-        server.echo = True
+        server.echo = echo
         yield Endpoint(server, target.model_ids, seconds)
 
 

@@ -80,12 +80,7 @@ def adapter_target(base: Recipe, adapters: dict[str, RunDir]) -> ServeTarget:
 
     model = model_location(base.model)
     revision = None if Path(model).is_dir() else base.model.revision
-    target = ServeTarget(base, model, base.name, first, found, revision)
-    if base.serve.max_lora_rank and max(a.rank for a in found) > base.serve.max_lora_rank:
-        worst = max(found, key=lambda a: a.rank)
-        raise UserError(f"adapter '{worst.name}' has rank {worst.rank}, above the server's max LoRA rank "
-                        f"serve.max_lora_rank={base.serve.max_lora_rank}")
-    return target
+    return ServeTarget(base, model, base.name, first, found, revision)
 
 
 def check_adapter(name: str, run: RunDir, base: Recipe) -> Adapter:
@@ -102,7 +97,11 @@ def check_adapter(name: str, run: RunDir, base: Recipe) -> Adapter:
     problem = unsupported(config)
     if problem:
         raise UserError(f"adapter '{name}' ({run.path}) cannot be served by vLLM: {problem}")
-    return Adapter(name, run.adapter, adapter_rank(config))
+    rank, limit = adapter_rank(config), base.serve.max_lora_rank
+    if limit and rank > limit:
+        raise UserError(f"adapter '{name}' has rank {rank}, above the server's max LoRA rank "
+                        f"serve.max_lora_rank={limit}")
+    return Adapter(name, run.adapter, rank)
 
 
 def adapter_rank(config: dict) -> int:

@@ -103,19 +103,24 @@ class VllmServer:
         """SIGTERM to vLLM and its workers (one process group), SIGKILL whatever is left after `grace` s."""
         self._state.unlink(missing_ok=True)
         self.echo = False  # vLLM's shutdown chatter (leak reports of its bindings) goes to the log only
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
-        group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(group, signal.SIGKILL)  # workers that outlived their parent
-        except ProcessLookupError:
-            pass
+        group = self.process.pid  # start_new_session: vLLM leads its own process group
+        if self.process.poll() is None:
+            signal_group(group, signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        signal_group(group, signal.SIGKILL)  # workers that outlived their parent, even one that crashed
         self.process.wait()
+
+
+def signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass  # nobody left in the group
 
 
 def healthy() -> bool:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -176,6 +177,11 @@ def test_adapter_incompatible_with_vllm_is_refused_with_its_name(bare_run):
     assert_one_line_error(result, "adapter 'support'", "DoRA")
 
 
+def test_adapter_above_the_servers_max_lora_rank_is_refused(bare_run):
+    result = run_cli("serve", "--base", "tiny", "--adapter", f"support={bare_run}", "--set", "serve.max_lora_rank=8")
+    assert_one_line_error(result, "adapter 'support' has rank 16", "serve.max_lora_rank=8")
+
+
 def test_adapter_from_another_base_is_refused(bare_run):
     result = run_cli("serve", "--base", "mistral-7b", "--adapter", f"support={bare_run}")
     assert_one_line_error(result, "adapter 'support' was trained on builtin:tiny-llama", "mistralai/")
@@ -211,6 +217,18 @@ def test_health_fails_while_a_server_here_does_not_answer(tmp_path):
         assert run_cli("health").returncode == 1
     finally:
         state.unlink()
+
+
+def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
+    """vLLM's engine runs in child processes; if vLLM itself dies, stop() still clears its process group."""
+    from conftest import processes_matching
+    from qlora_app.server_process import VllmServer
+
+    marker = f"sleep 312.{os.getpid()}"
+    with VllmServer(["bash", "-c", f"{marker} & exit 3"], "http://127.0.0.1:9", tmp_path / "log") as server:
+        assert server.wait() == 3
+        assert processes_matching(marker)  # the orphaned "worker"
+    assert processes_matching(marker) == []
 
 
 # --- the middleware, on a real Starlette app -----------------------------------------------------------------
