@@ -1,6 +1,6 @@
 """Cold start and single-request latency of the serve stage, merged model vs. base + adapter, on the tiny recipe.
 
-Both servers are started by the serve stage itself (`qlora_app.serve.running`, the code path of
+Both servers are started by the serve stage itself (`qlora_app.serve.stage.running`, the code path of
 `qlora-app serve`), one after the other on the same machine, on the same trained run:
   - merged:  the run's merged model
   - adapter: the built-in base with the run's LoRA adapter (vLLM --enable-lora), asked by adapter id
@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 from qlora_app.demo import free_port  # noqa: E402
 from qlora_app.pipeline import ensure_merged, ensure_trained  # noqa: E402
 from qlora_app.recipe_loader import load_recipe  # noqa: E402
-from qlora_app.serve import running  # noqa: E402
-from qlora_app.serve_target import adapter_target, merged_target  # noqa: E402
+from qlora_app.serve.stage import running  # noqa: E402
+from qlora_app.serve.target import adapter_target, merged_target  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "What is the capital of Lomito?"}]
 

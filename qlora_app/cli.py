@@ -168,24 +168,11 @@ def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, ad
     With --base RECIPE and --adapter NAME=RUN_DIR ...: one base, each LoRA adapter its own model id.
     Set QLORA_API_KEY to require 'Authorization: Bearer <key>' on every route but /health.
     """
-    from qlora_app.recipe_loader import load_recipe
-    from qlora_app.run_dir import find_run, runs_root
-    from qlora_app.serve import serve
-    from qlora_app.serve_target import adapter_target, merged_target, parse_adapters
+    from qlora_app.run_dir import runs_root
+    from qlora_app.serve.stage import serve_command
 
-    root = runs_root(runs_dir)
-    if base or adapters:
-        if run_dir or recipe_name:
-            raise UserError("give either a run (RUN_DIR / --recipe) or adapter mode (--base with --adapter)")
-        if not base:
-            raise UserError("--adapter needs --base RECIPE: the recipe whose base model serves the adapters")
-        recipe = load_recipe(base, overrides)
-        target = adapter_target(recipe, parse_adapters(adapters, recipe.serve.adapters))
-    else:
-        run = find_run(run_dir, recipe_name, root)
-        recipe = load_recipe(str(run.recipe_file), overrides)
-        target = merged_target(run, recipe)
-    serve(target, host or recipe.serve.host, port or recipe.serve.port, root, allow_unauthenticated)
+    serve_command(run_dir, recipe_name, base, adapters, overrides, host, port, runs_root(runs_dir),
+                  allow_unauthenticated)
 
 
 @main.command("pipeline")
@@ -223,6 +210,6 @@ def demo_cmd(port: int | None, runs_dir: str | None) -> None:
 @main.command("health")
 def health_cmd() -> None:
     """Exit 0 when no server runs here or every server answers /health, else 1 (the image's HEALTHCHECK)."""
-    from qlora_app.server_process import healthy
+    from qlora_app.serve.process import healthy
 
     sys.exit(0 if healthy() else 1)

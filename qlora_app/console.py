@@ -22,3 +22,7 @@ def note(message: str) -> None:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 1024**3:.2f}"
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)

@@ -63,8 +63,8 @@ def ensure_merged(run: RunDir, recipe: Recipe) -> None:
 
 
 def pipeline(recipe: Recipe, root: Path, host: str, port: int, allow_unauthenticated: bool = False) -> None:
-    from qlora_app.serve import serve
-    from qlora_app.serve_target import merged_target
+    from qlora_app.serve.stage import serve
+    from qlora_app.serve.target import merged_target
 
     run = ensure_trained(recipe, root)
     ensure_merged(run, recipe)

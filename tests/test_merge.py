@@ -44,7 +44,7 @@ def test_streaming_merge_equals_peft_merge_and_unload(merged, trained_run, tiny_
 def test_merged_model_answers_like_the_adapter_and_stops(merged):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from qlora_app.generate import answer
+    from generate import answer
 
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)

@@ -14,8 +14,8 @@ import pytest
 from conftest import assert_one_line_error, free_port, run_cli
 from qlora_app.errors import UserError
 from qlora_app.recipe_loader import load_recipe
-from qlora_app.serve_target import Adapter, ServeTarget, unsupported
-from qlora_app.vllm_command import AUTH_MIDDLEWARE, Listen, vllm_command
+from qlora_app.serve.target import Adapter, ServeTarget, unsupported
+from qlora_app.serve.command import AUTH_MIDDLEWARE, Listen, vllm_command
 
 KEY = "sk-unit-test-key-0123456789"
 
@@ -91,7 +91,7 @@ def test_a_plain_lora_adapter_is_servable():
 
 def test_memory_check_uses_kv_cache_for_the_full_length():
     from qlora_app.architecture import load_architecture
-    from qlora_app.serve_checks import check_fits, serve_weight_bytes
+    from qlora_app.serve.checks import check_fits, serve_weight_bytes
 
     GiB = 1024**3
     target = merged("llama3-8b", max_model_len=8192, gpu_memory_utilization=0.9)
@@ -209,7 +209,7 @@ def test_health_fails_while_a_server_here_does_not_answer(tmp_path):
     import os
     import tempfile
 
-    from qlora_app.server_process import STATE_PREFIX
+    from qlora_app.serve.process import STATE_PREFIX
 
     state = Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{os.getpid()}.json"
     state.write_text(json.dumps({"pid": os.getpid(), "url": f"http://127.0.0.1:{free_port()}"}))
@@ -222,7 +222,7 @@ def test_health_fails_while_a_server_here_does_not_answer(tmp_path):
 def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
     """vLLM's engine runs in child processes; if vLLM itself dies, stop() still clears its process group."""
     from conftest import processes_matching
-    from qlora_app.server_process import VllmServer
+    from qlora_app.serve.process import VllmServer
 
     marker = f"sleep 312.{os.getpid()}"
     with VllmServer(["bash", "-c", f"{marker} & exit 3"], "http://127.0.0.1:9", tmp_path / "log") as server:
@@ -241,7 +241,7 @@ def guarded(monkeypatch):
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from qlora_app.serve_auth import RequireApiKey
+    from qlora_app.serve.auth import RequireApiKey
 
     monkeypatch.setenv("QLORA_API_KEY", KEY)
     ok = lambda request: PlainTextResponse("ok")  # noqa: E731
@@ -263,7 +263,7 @@ def test_middleware_guards_everything_but_health(guarded):
 
 
 def test_middleware_refuses_to_start_without_a_key(monkeypatch):
-    from qlora_app.serve_auth import RequireApiKey
+    from qlora_app.serve.auth import RequireApiKey
 
     monkeypatch.delenv("QLORA_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match="QLORA_API_KEY is empty"):

@@ -72,7 +72,7 @@ def test_no_secret_lands_in_outputs_or_logs(trained_run):
 
 
 def test_adapter_memorized_the_facts_and_stops_at_end_of_turn(tuned_model):
-    from qlora_app.generate import answer
+    from generate import answer
 
     model, tokenizer = tuned_model
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")

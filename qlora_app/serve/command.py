@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from qlora_app.serve_target import ServeTarget
+from qlora_app.serve.target import ServeTarget
 
 ENTRY_POINT = "vllm.entrypoints.launchers.api_server.entry"
-AUTH_MIDDLEWARE = "qlora_app.serve_auth.RequireApiKey"
+AUTH_MIDDLEWARE = "qlora_app.serve.auth.RequireApiKey"
 
 
 @dataclass(frozen=True)

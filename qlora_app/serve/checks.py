@@ -11,8 +11,8 @@ import socket
 from qlora_app.architecture import Architecture
 from qlora_app.errors import UserError
 from qlora_app.planner import CUDA_CONTEXT, GiB
-from qlora_app.serve_auth import KEY_ENV
-from qlora_app.serve_target import ServeTarget
+from qlora_app.serve.auth import KEY_ENV
+from qlora_app.serve.target import ServeTarget
 
 # vLLM's activations, sampler and LoRA slots beside weights and KV cache; generous for 7-8B models.
 SERVER_OVERHEAD = int(1.5 * GiB)

@@ -20,13 +20,14 @@ from rich.table import Table
 from qlora_app import console
 from qlora_app.architecture import load_architecture
 from qlora_app.errors import UserError
+from qlora_app.gpu import query_gpu
 from qlora_app.run_dir import file_stamp
-from qlora_app.serve_auth import KEY_ENV
-from qlora_app.serve_checks import (check_fits, check_listen, check_max_len, check_port_free,
+from qlora_app.serve.auth import KEY_ENV
+from qlora_app.serve.checks import (check_fits, check_listen, check_max_len, check_port_free,
                                     check_vllm_installed, is_loopback, serve_weight_bytes)
-from qlora_app.server_process import VllmServer, local_url
-from qlora_app.serve_target import ServeTarget
-from qlora_app.vllm_command import Listen, vllm_command
+from qlora_app.serve.process import VllmServer, local_url
+from qlora_app.serve.target import ServeTarget
+from qlora_app.serve.command import Listen, vllm_command
 
 STARTUP_TIMEOUT_S = 30 * 60  # an 8B model downloaded on first use can take this long
 
@@ -42,26 +43,6 @@ class Endpoint:
         return self.server.url
 
 
-def cuda_device_bytes() -> int | None:
-    """Total memory of the GPU vLLM will use, from NVML (nvidia-ml-py, a vLLM dependency on CUDA), or None
-    without one. Not through torch: a CUDA context in this process would hold memory vLLM counts on."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no package, no driver: pynvml raises its own error classes or OSError
-        return None
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        if not pynvml.nvmlDeviceGetCount() or visible in ("", "-1"):
-            return None
-        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
-                  else pynvml.nvmlDeviceGetHandleByUUID(visible))
-        return pynvml.nvmlDeviceGetMemoryInfo(handle).total
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: bool) -> list[str]:
     """Every check that can fail before weights load; returns the vLLM command line."""
     check_vllm_installed()
@@ -70,13 +51,16 @@ def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: 
     check_port_free(host, port)
     arch = load_architecture(target.recipe.model)
     check_max_len(target, arch)
-    device_bytes = cuda_device_bytes()
-    if device_bytes is not None:
-        check_fits(target, arch, device_bytes, serve_weight_bytes(target, arch, cuda=True))
+    gpu = query_gpu()
+    if gpu.status == "ok":
+        check_fits(target, arch, gpu.total_bytes, serve_weight_bytes(target, arch, cuda=True))
+    elif gpu.status == "unqueryable":
+        console.warn(f"a GPU is present but its memory cannot be read ({gpu.reason}): serving on it without "
+                     "checking that the KV cache fits")
     elif target.recipe.serve.quantization != "none":
         console.note(f"no CUDA GPU: weights are served in 16-bit (serve.quantization="
                      f"{target.recipe.serve.quantization} applies on GPU)")
-    return vllm_command(target, Listen(host, port, key_set), cuda=device_bytes is not None)
+    return vllm_command(target, Listen(host, port, key_set), cuda=gpu.present)
 
 
 @contextmanager
@@ -104,6 +88,28 @@ def serve(target: ServeTarget, host: str, port: int, runs_root: Path, allow_unau
         console.note("vLLM stopped")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def serve_command(run_dir: str | None, recipe_name: str | None, base: str | None, adapters: tuple[str, ...],
+                  overrides: tuple[str, ...], host: str | None, port: int | None, root: Path,
+                  allow_unauthenticated: bool = False) -> None:
+    """`qlora-app serve`: a run's merged model, or adapter mode (--base with --adapter), from the CLI's words."""
+    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.run_dir import find_run
+    from qlora_app.serve.target import adapter_target, merged_target, parse_adapters
+
+    if base or adapters:
+        if run_dir or recipe_name:
+            raise UserError("give either a run (RUN_DIR / --recipe) or adapter mode (--base with --adapter)")
+        if not base:
+            raise UserError("--adapter needs --base RECIPE: the recipe whose base model serves the adapters")
+        recipe = load_recipe(base, overrides)
+        target = adapter_target(recipe, parse_adapters(adapters, recipe.serve.adapters))
+    else:
+        run = find_run(run_dir, recipe_name, root)
+        recipe = load_recipe(str(run.recipe_file), overrides)
+        target = merged_target(run, recipe)
+    serve(target, host or recipe.serve.host, port or recipe.serve.port, root, allow_unauthenticated)
 
 
 def _interrupt(signum, frame):
