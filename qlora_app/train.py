@@ -20,8 +20,11 @@ from qlora_app import console
 from qlora_app.data import Records, load_splits
 from qlora_app.encoding import Encoded, encode, load_tokenizer
 from qlora_app.errors import UserError
+from qlora_app.gpu import query_gpu
+from qlora_app.plan_report import out_of_memory_advice
 from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp, write_json_atomic
+from qlora_app.atomic import write_json_atomic
+from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp
 
 PAGED_OR_8BIT = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
@@ -64,18 +67,41 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Pat
     complete = run.complete_checkpoints()
     if not complete:
         console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
+        run.rewind_metrics(-1)  # what the lost attempt logged would be logged again
+        shutil.rmtree(run.tensorboard, ignore_errors=True)
         return run, None
     console.note(f"resuming from {complete[-1].name}")
     run.rewind_metrics(checkpoint_step(complete[-1]))
     return run, complete[-1]
 
 
+def check_same_data(run: RunDir, data: PreparedData) -> None:
+    """A resumed run must see the data it started on: two datasets mixed in one run would be a silent mess."""
+    now = (data.train_records.fingerprint, data.eval_records.fingerprint)
+    if run.data_fingerprints() not in (now, (None, None)):
+        raise UserError(f"the data of {run.path} changed since it started ({run.recipe().data.source} holds "
+                        "other records now): resuming would mix two datasets; start a new run without --resume")
+
+
+def check_report_to(recipe: Recipe) -> None:
+    import importlib.util
+
+    for name in recipe.train.report_to:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"train.report_to includes {name}, but the {name} package is not installed: "
+                            f"pip install {name}, or drop it with --set 'train.report_to=[tensorboard]'")
+
+
 def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     started = time.time()
+    check_report_to(recipe)
     run, checkpoint = find_resumable(recipe, root, resume) if resume else (None, None)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
+    if run is not None:
+        check_same_data(run, data)
     print_data_summary(recipe, data)
+    free_gpu = query_gpu().free_bytes  # before our own weights take any
     run = run or RunDir.create(recipe, root)  # only once the data is known to be good
     console.note(f"run directory: {run.path}")
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
@@ -85,9 +111,13 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     trainer, stopper = build_trainer(recipe, run, data, tokenizer)
     if checkpoint is None:
         manifest["losses"]["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+    import torch
+
     stopper.install()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(recipe, free_gpu)) from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise UserError(f"disk full while training into {run.path}: free space and resume with --resume "
@@ -136,7 +166,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
         train_dataset=data.train.to_dataset(),
         eval_dataset=data.eval.to_dataset(),
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run.metrics), CheckpointMarker(), stopper],
+        callbacks=[MetricsLog(run.metrics), CheckpointMarker(run), stopper],
     )
     # trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice). Keep them fp32, peft's
     # default: Adam's small updates survive, and a resumed run (peft reloads adapters in fp32) continues with

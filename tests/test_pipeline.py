@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO, assert_one_line_error, run_cli
 from qlora_app.pipeline import merged_is_current, same_data, same_recipe_run
 from qlora_app.recipe_loader import load_recipe
-from qlora_app.run_dir import RunDir, point_latest, write_json_atomic
+from qlora_app.atomic import write_json_atomic
+from qlora_app.run_dir import RunDir, point_latest
 
 
 @pytest.fixture()
