@@ -112,13 +112,15 @@ def print_recipes(gpu_gib: float) -> None:
     table = Table(title=f"Recipes (peak VRAM from the planner; fits = within {gpu_gib:g} GiB)")
     for column in ("recipe", "model", "method", "VRAM GiB", "fits"):
         table.add_column(column, justify="right" if column == "VRAM GiB" else "left", no_wrap=True)
-    table.add_column("description")
+    about = Table.grid(padding=(0, 2))
     for name in list_recipes():
         try:
             recipe = load_recipe(name)
             total = planner.plan(recipe, load_architecture(recipe.model)).total
             table.add_row(name, recipe.model.path, describe_method(recipe), gib(total),
-                          "yes" if total <= gpu_gib * GiB else "no", recipe.description)
+                          "yes" if total <= gpu_gib * GiB else "no")
+            about.add_row(f"[bold]{name}[/]", recipe.description)
         except UserError as exc:
-            table.add_row(name, f"[red]invalid: {exc}[/]", "", "", "", "")
+            table.add_row(name, f"[red]invalid: {exc}[/]", "", "", "")
     out.print(table)
+    out.print(about)

@@ -50,8 +50,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     return PreparedData(train, held_out, train_records, eval_records)
 
 
-def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Path | None]:
-    """The run to continue and the checkpoint to continue from (None: from the start)."""
+def find_resumable(recipe: Recipe, root: Path, resume: str) -> RunDir:
+    """The run to continue: the latest of the recipe, or the one named; it must not have finished and must have
+    been started with the same training settings."""
     run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
     if run is None or not run.recipe_file.is_file():
         raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
@@ -60,19 +61,24 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Pat
     if run.recipe().training_fields() != recipe.training_fields():
         raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
                         "or start a new run")
+    return run
+
+
+def resume_point(run: RunDir) -> Path | None:
+    """The newest complete checkpoint (None: train from the start), the run's logs cut back to it."""
     for broken in run.incomplete_checkpoints():
-        console.err.print(f"[yellow]warning:[/] skipping {broken.name}: it was not completely written "
-                          "(the process died while saving); removing it")
+        console.warn(f"skipping {broken.name}: it was not completely written (the process died while saving); "
+                     "removing it")
         shutil.rmtree(broken)
     complete = run.complete_checkpoints()
     if not complete:
         console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
         run.rewind_metrics(-1)  # what the lost attempt logged would be logged again
         shutil.rmtree(run.tensorboard, ignore_errors=True)
-        return run, None
+        return None
     console.note(f"resuming from {complete[-1].name}")
     run.rewind_metrics(checkpoint_step(complete[-1]))
-    return run, complete[-1]
+    return complete[-1]
 
 
 def check_same_data(run: RunDir, data: PreparedData) -> None:
@@ -95,11 +101,12 @@ def check_report_to(recipe: Recipe) -> None:
 def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     started = time.time()
     check_report_to(recipe)
-    run, checkpoint = find_resumable(recipe, root, resume) if resume else (None, None)
+    run = find_resumable(recipe, root, resume) if resume else None
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     if run is not None:
         check_same_data(run, data)
+    checkpoint = resume_point(run) if run is not None else None
     print_data_summary(recipe, data)
     free_gpu = query_gpu().free_bytes  # before our own weights take any
     run = run or RunDir.create(recipe, root)  # only once the data is known to be good
@@ -275,5 +282,5 @@ def print_data_summary(recipe: Recipe, data: PreparedData) -> None:
         f"({data.train_records.format}), {data.train.tokens:,} train tokens of which {data.train.label_tokens:,} "
         f"are learned")
     if dropped or truncated:
-        console.err.print(f"[yellow]warning:[/] {dropped} examples longer than data.max_length="
-                          f"{recipe.data.max_length} were dropped, {truncated} truncated")
+        console.warn(f"{dropped} examples longer than data.max_length={recipe.data.max_length} were dropped, "
+                     f"{truncated} truncated")
