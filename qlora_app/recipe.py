@@ -113,9 +113,9 @@ class TrainSpec(Section):
 
 class MergeSpec(Section):
     dtype: Dtype = "bfloat16"
-    base_weights: Literal["original", "dequantized"] = Field(
-        "original", description="Merge into the original 16-bit weights, or into dequant(NF4), the ones trained on."
-    )
+    base_weights: Literal["auto", "original", "dequantized"] = Field(
+        "auto", description="Merge into the original 16-bit weights, into dequant(NF4) (the ones trained on), "
+                            "or auto: whichever the held-out check finds closest to the adapter on the 4-bit base.")
     max_loss_increase: float = Field(
         0.01, ge=0, description="Warn when the merged held-out loss exceeds the adapter-on-4-bit loss by more.")
 

@@ -34,11 +34,15 @@ def tiny_model_dir() -> Path:
     return materialize("builtin:tiny-llama")
 
 
-def assert_one_line_error(result, *fragments):
+def assert_one_line_error(result, *fragments, after: tuple[str, ...] = ()):
+    """Exit 2 with one error line; `after` names the note lines allowed before it, in order."""
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert len(lines) == 1 + len(after), result.stderr
+    for note, line in zip(after, lines):
+        assert line.startswith(note), result.stderr
+    lines = lines[len(after):]
     assert lines[0].startswith("error: ")
     for fragment in fragments:
         assert fragment in lines[0]

@@ -144,8 +144,7 @@ def test_serve_without_a_run_takes_the_latest_run_of_any_recipe(bare_run):
 
     RunDir(bare_run).mark_latest()
     result = run_cli("serve", "--runs-dir", str(bare_run.parent.parent), "--port", str(free_port()))
-    assert f"using the latest run: {bare_run} (recipe tiny)" in result.stderr
-    assert_one_line_error(result, "has no merged model")  # the note is not an error line: on stderr before it
+    assert_one_line_error(result, "has no merged model", after=(f"using the latest run: {bare_run} (recipe tiny)",))
 
 
 def test_a_gpu_nvml_cannot_read_is_not_taken_for_no_gpu(bare_run, tmp_path, monkeypatch, capsys):
