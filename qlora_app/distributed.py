@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from qlora_app.errors import UserError
 
 RANK_MODULE = "qlora_app.train_rank"
+# How long torchrun waits, after forwarding SIGTERM/SIGINT, for the ranks to finish their step and save the
+# checkpoint before it kills them.
+GRACE_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,8 @@ def torchrun_args(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -
                  "--master-addr", nodes.addr, "--master-port", str(nodes.port)]
     quiet = ",".join(f"{r}:3" for r in range(1, gpus))
     logs = ["--log-dir", log_dir] + (["--redirects", quiet] if quiet else [])
-    return [*where, "--nproc-per-node", str(gpus), "--max-restarts", "0", *logs, "--module", RANK_MODULE,
-            *rank_args]
+    return [*where, "--nproc-per-node", str(gpus), "--max-restarts", "0", "--shutdown-timeout",
+            str(GRACE_SECONDS), *logs, "--module", RANK_MODULE, *rank_args]
 
 
 def torchrun_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str,

@@ -72,7 +72,9 @@ def run_ranks(args: list[str], run: RunDir) -> None:
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the ranks' own lines say it all
+    for name in list(logging.Logger.manager.loggerDict):  # each sets its own level: the ranks' lines say it all
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
     try:
         torchrun(parse_args(args))

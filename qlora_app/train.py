@@ -211,6 +211,7 @@ def sft_config(recipe: Recipe, run: RunDir):
         bf16=compute == "bfloat16",
         fp16=compute == "float16" and cuda,
         gradient_checkpointing=False,  # prepare_for_training already set it up as the recipe says
+        ddp_find_unused_parameters=False,  # every adapter takes part in every forward pass
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.log_steps,
