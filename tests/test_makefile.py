@@ -144,6 +144,21 @@ def test_train_recipe_overrides_and_resume():
     assert app_args(docker_run("train", "RESUME=runs/tiny/abc"))[-2:] == ["--resume", "runs/tiny/abc"]
 
 
+def test_train_ranks_follow_nproc_or_the_gpus_given():
+    assert "--gpus" not in app_args(docker_run("train"))  # the default GPUS=all hands the container every GPU
+    words = docker_run("train", "GPUS=all")
+    assert option(words, "--gpus") == ["all", "all"]  # docker's, then qlora-app's
+    words = docker_run("train", "GPUS=2")
+    assert option(words, "--gpus") == ["2", "2"]
+    words = docker_run("train", "NPROC=4", "RESUME=1")
+    assert option(words, "--gpus") == ["all", "4"] and app_args(words)[-3:] == ["--resume", "--gpus", "4"]
+    assert local_app("train", "NPROC=2")[-2:] == ["--gpus", "2"]
+
+
+def test_serve_hands_the_gpus_given_to_the_container():
+    assert option(docker_run("serve", "GPUS=2"), "--gpus") == ["2"]
+
+
 def test_merge_takes_the_latest_run_of_the_recipe_or_run():
     assert app_args(docker_run("merge", "RECIPE=llama3-8b")) == ["merge", "--recipe", "llama3-8b"]
     assert app_args(docker_run("merge", "RUN=runs/tiny/abc")) == ["merge", "runs/tiny/abc"]
