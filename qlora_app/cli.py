@@ -88,7 +88,9 @@ def show_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
 @overrides_option
 @gpu_option
 @click.option("--compare", is_flag=True, help="Also show plain LoRA on a 16-bit base beside QLoRA.")
-def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare: bool) -> None:
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plan each GPU of N training together (train.distributed: fsdp shards the model over them).")
+def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare: bool, gpus: int) -> None:
     """Estimate peak GPU memory of training RECIPE before anything loads.
 
     Counts the 4-bit base with its quantization constants, the 16-bit parts, LoRA weights, gradients and
@@ -99,7 +101,7 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare
     from qlora_app.plan_report import print_plan
     from qlora_app.recipe_loader import load_recipe
 
-    print_plan(load_recipe(recipe, overrides), gpu_memory, compare)
+    print_plan(load_recipe(recipe, overrides), gpu_memory, compare, gpus)
 
 
 @main.command("train")

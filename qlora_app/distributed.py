@@ -62,6 +62,20 @@ def per_rank_grad_accum(grad_accum: int, world_size: int) -> int:
     return grad_accum // world_size
 
 
+def fsdp_args(recipe) -> dict:
+    """TrainingArguments that make the Trainer shard with FSDP (train.distributed: fsdp on several ranks).
+
+    FSDP2 wraps each decoder layer (the model's _no_split_modules); cpu_ram_efficient_loading lets rank 0 alone
+    read the checkpoint while the others build the model on the meta device and receive their shards, so the
+    host needs the model's RAM once. The 4-bit storage dtype that makes the base shardable is set where the
+    model is loaded (model_loading.quantization_config). accelerate 1.15 shards only across accelerators: on
+    CPU (gloo) these arguments leave it data parallel, which the launcher says."""
+    if recipe.train.distributed != "fsdp" or world_size() == 1:
+        return {}
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}}
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -35,11 +35,17 @@ def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes
     return train_on_gpus(recipe, root, resume, count, nodes)
 
 
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def gpu_count(gpus: str) -> int:
     if gpus == "all":
         import torch
 
-        if not torch.cuda.is_available():
+        if not cuda_present():
             raise UserError("--gpus all: no CUDA device is visible here; give a number instead (on CPU, that "
                             "many processes train with gloo)")
         return torch.cuda.device_count()
@@ -57,6 +63,9 @@ def train_on_gpus(recipe: Recipe, root: Path, resume: str | None, gpus: int, nod
     console.note(f"{ranks} ranks: train.grad_accum {recipe.train.grad_accum} -> {per_rank} per rank, "
                  f"{recipe.train.batch_size} sequences per rank and micro-batch: "
                  f"{recipe.train.batch_size * recipe.train.grad_accum} per optimizer update, as on one GPU")
+    if recipe.train.distributed == "fsdp" and not cuda_present():
+        console.warn("train.distributed=fsdp shards across GPUs only (accelerate has no FSDP for CPU ranks): "
+                     "these CPU ranks train data parallel, each holding the whole model")
     rank_args = [str(run.path)] + ([str(checkpoint)] if checkpoint else [])
     log_dir = str(run.path / "logs")
     for node in range(1, nodes.count):

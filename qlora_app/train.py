@@ -156,6 +156,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
+    args = sft_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
     model = load_base(recipe)
     prepare_for_training(model, recipe)
     # Right before LoRA's random init: a resumed run, and every rank of a multi-GPU run, start from the same
@@ -165,7 +166,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     stopper = GracefulStop()
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(recipe, run),
+        args=args,
         train_dataset=data.train.to_dataset(),
         eval_dataset=data.eval.to_dataset(),
         processing_class=tokenizer,
@@ -232,6 +233,7 @@ def sft_config(recipe: Recipe, run: RunDir):
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not cuda,
+        **distributed.fsdp_args(recipe),
     )
 
 

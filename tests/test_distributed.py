@@ -60,3 +60,22 @@ def test_train_refuses_a_batch_it_cannot_keep_before_anything_loads(tmp_path):
     result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "2")  # tiny: grad_accum 1
     assert_one_line_error(result, "train.grad_accum=1 cannot be split over 2 ranks")
     assert not (tmp_path / "tiny").exists()
+
+
+def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
+    import torch
+
+    from qlora_app.distributed import fsdp_args
+    from qlora_app.model_loading import quantization_config
+    from qlora_app.recipe_loader import load_recipe
+
+    recipe = load_recipe("llama3-70b")
+    assert recipe.train.distributed == "fsdp"
+    assert quantization_config(recipe).bnb_4bit_quant_storage == torch.bfloat16  # shards like the bf16 weights
+    assert quantization_config(load_recipe("llama3-8b")).bnb_4bit_quant_storage == torch.uint8  # ddp: as before
+    assert fsdp_args(recipe) == {}  # one process: nothing to shard
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = fsdp_args(recipe)
+    assert args["fsdp"] is True
+    assert args["fsdp_config"] == {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}
+    assert fsdp_args(load_recipe("llama3-8b")) == {}  # ddp
