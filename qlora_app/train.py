@@ -91,7 +91,7 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     print_data_summary(recipe, data)
-    run = run or RunDir.create(recipe, root)
+    run = run or RunDir.create(recipe, root)  # only once the data is known to be good
     console.note(f"run directory: {run.path}")
     return run, checkpoint, data, tokenizer
 
@@ -120,8 +120,8 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     finally:
         stopper.uninstall()
     if checkpoint is None:
-        manifest["losses"]["base_eval_loss"] = next(h["eval_loss"] for h in trainer.state.log_history
-                                                     if "eval_loss" in h)
+        manifest["losses"]["base_eval_loss"] = next((h["eval_loss"] for h in trainer.state.log_history
+                                                      if "eval_loss" in h), None)
     if stopper.received is not None:
         manifest["status"] = "interrupted"
         if main:
@@ -157,11 +157,9 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
     args = sft_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
+    set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
     model = load_base(recipe)
     prepare_for_training(model, recipe)
-    # Right before LoRA's random init: a resumed run, and every rank of a multi-GPU run, start from the same
-    # adapter whatever loading the base drew from the generator.
-    set_seed(recipe.train.seed)
     model = get_peft_model(model, lora_config(recipe))
     stopper = GracefulStop()
     trainer = SFTTrainer(
