@@ -16,7 +16,7 @@ PIP_INSTALL := $(PY) -m pip install --no-deps --disable-pip-version-check -q
 UV_VERSION := 0.13.9
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
-RECIPE ?= tiny
+RECIPE ?=
 RUN ?=
 SET ?=
 RESUME ?=
@@ -52,7 +52,9 @@ preflight = $(if $(LOCAL),,@scripts/docker-preflight.sh $(if $(1),--gpu )$(IMAGE
 # installed from requirements/gpu.lock, say) and is used as it is.
 APP_DEPS := $(if $(LOCAL),$(if $(filter .venv,$(VENV)),venv))
 
-RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),--recipe $(RECIPE))
+# merge and serve take RUN, else the latest run of RECIPE, else the latest run of any recipe (runs/latest).
+RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),$(if $(RECIPE),--recipe $(RECIPE)))
+need_recipe = $(if $(RECIPE),,$(error make $@ needs RECIPE=<name>: `make recipes` lists them))
 SET_ARGS = $(foreach s,$(SET),--set $(s))
 # Training ranks: NPROC=N, else GPUS when given (GPUS=all or a count): one rank per GPU. Left alone, one GPU.
 TRAIN_GPUS = $(or $(NPROC),$(if $(filter command line environment,$(origin GPUS)),$(GPUS)))
@@ -74,7 +76,8 @@ key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo
-	@echo "Variables (defaults): RECIPE=$(RECIPE)  RUN=<latest run of RECIPE>  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
+	@echo "Variables: RECIPE=<name> (train, plan, pipeline)  RUN=<run dir> (merge, serve; default: the latest run,"
+	@echo "  of RECIPE if given)  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
 	@echo "  BASE=RECIPE ADAPTERS=\"name=RUN_DIR ...\" (serve adapters)  PORT=$(PORT)  BIND=$(BIND)  GPU_MEMORY=$(GPU_MEMORY)"
 	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS) (given: train one rank per GPU)  NPROC=N (train ranks)  HF_HOME=$(HF_HOME)"
 	@echo "  LOCAL=1: run in .venv (CPU, built when needed) instead of the image; VENV=path: your own environment, as is"
@@ -115,23 +118,26 @@ recipes: $(APP_DEPS) ## List the recipes with their planned VRAM
 	$(call app) recipes --gpu-memory $(GPU_MEMORY)
 
 plan: $(APP_DEPS) ## Plan the GPU memory of RECIPE on GPU_MEMORY GiB, QLoRA beside LoRA
+	$(need_recipe)
 	$(call preflight)
 	$(call app) plan $(RECIPE) --gpu-memory $(GPU_MEMORY) --compare
 
 train: $(APP_DEPS) ## Train RECIPE into runs/RECIPE/<id> (SET="k=v ..."; RESUME=1 continues; GPUS=all|N or NPROC=N: ranks)
+	$(need_recipe)
 	$(call preflight,gpu)
 	$(call app,gpu) train $(RECIPE) $(SET_ARGS) $(RESUME_ARGS) $(GPUS_ARGS)
 
-merge: $(APP_DEPS) ## Merge the latest run of RECIPE (or RUN) into a bf16 model in RUN/merged
+merge: $(APP_DEPS) ## Merge the latest run (of RECIPE, or RUN) into a 16-bit model in RUN/merged
 	$(call preflight,gpu)
 	$(call app,gpu) merge $(RUN_ARGS)
 
-serve: $(APP_DEPS) ## Serve the merged RECIPE (or RUN) on BIND:PORT; BASE + ADAPTERS serve LoRA adapters instead
+serve: $(APP_DEPS) ## Serve the latest run's merged model (of RECIPE, or RUN) on BIND:PORT; BASE + ADAPTERS: adapters
 	$(key_check)
 	$(call preflight,gpu)
 	$(call app,gpu,$(PUBLISH)) serve $(SERVE_ARGS) $(SET_ARGS) $(LISTEN)
 
 pipeline: $(APP_DEPS) ## Train, merge and serve RECIPE, skipping the stages already done
+	$(need_recipe)
 	$(key_check)
 	$(call preflight,gpu)
 	$(call app,gpu,$(PUBLISH)) pipeline $(RECIPE) $(SET_ARGS) $(LISTEN)

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 
 from qlora_app.console import err
 from qlora_app.distributed import barrier, max_over_ranks
-from qlora_app.run_dir import COMPLETE_MARKER
+from qlora_app.run_dir import COMPLETE_MARKER, RunDir
 
 
 class ProgressBar(TrainerCallback):
@@ -70,13 +70,18 @@ class MetricsLog(TrainerCallback):
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it, so a crash mid-save is detectable."""
+    """Marks a checkpoint complete once the Trainer has written all of it, so a crash mid-save is detectable;
+    from its first complete checkpoint on, the run is the one `latest` points to."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = self.run.checkpoints / f"checkpoint-{state.global_step}"
         barrier()  # every rank has written its part (its RNG state) before the checkpoint counts as complete
         if state.is_world_process_zero and checkpoint.is_dir():
             (checkpoint / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+            self.run.mark_latest()
 
 
 class GracefulStop(TrainerCallback):

@@ -143,24 +143,28 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, gpus:
 @main.command("merge")
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--recipe", "recipe_name", default=None, help="Merge the latest run of this recipe.")
-@click.option("--base-weights", type=click.Choice(["original", "dequantized"]), default=None,
+@click.option("--base-weights", type=click.Choice(["auto", "original", "dequantized"]), default=None,
               help="Merge into the original 16-bit weights, or into dequant(NF4): the weights the adapter "
-                   "was trained on (default: the recipe's merge.base_weights).")
+                   "was trained on; auto picks by held-out loss (default: the recipe's merge.base_weights).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare the merged model with base + adapter on held-out examples before publishing it "
                    "(loads the model a few times: on CPU an 8B check needs about 20 GB of RAM).")
+@click.option("--set", "overrides", multiple=True, metavar="merge.KEY=VALUE",
+              help="Override a merge setting of the run's recipe, e.g. --set merge.dtype=float16 (repeatable).")
 @runs_dir_option
 def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | None, verify: bool,
-              runs_dir: str | None) -> None:
-    """Merge a run's adapter into a standard 16-bit model in RUN_DIR/merged (default: the latest run).
+              overrides: tuple[str, ...], runs_dir: str | None) -> None:
+    """Merge a run's adapter into a standard 16-bit model in RUN_DIR/merged (default: the latest run of any
+    recipe, or of --recipe).
 
     The base is streamed shard by shard, never loaded whole and never 4-bit; the result carries the training
     tokenizer, chat template and a generation config that stops at end-of-turn, and appears atomically.
     """
-    from qlora_app.merge import merge
+    from qlora_app.merge import merge, merge_settings
     from qlora_app.run_dir import find_run, runs_root
 
-    merge(find_run(run_dir, recipe_name, runs_root(runs_dir)), base_weights, verify)
+    run = find_run(run_dir, recipe_name, runs_root(runs_dir))
+    merge(run, merge_settings(run, overrides, base_weights), verify)
 
 
 @main.command("serve")

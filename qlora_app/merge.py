@@ -10,18 +10,19 @@ that stops at the template's end-of-turn token, and a model card.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_app import console, hub, tiny_model
+from qlora_app.atomic import clean_stale, staged_dir, write_json_atomic, write_text_atomic
 from qlora_app.errors import UserError
-from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, write_json_atomic, write_text_atomic
+from qlora_app.merge_verify import LOGIT_TOLERANCE, AdapterLosses, MergedCheck, adapter_losses, compare_merged
+from qlora_app.model_loading import nf4_round_trip, quantized_weight_names
+from qlora_app.recipe import MergeSpec, Recipe, lora_scaling
+from qlora_app.run_dir import RunDir
 from qlora_app.safetensors_stream import DTYPES, StreamWriter, entries, iter_tensors, read_header
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json")
@@ -35,37 +36,69 @@ class Delta:
     lora_b: object  # torch.Tensor (out, r)
 
 
-def merge(run: RunDir, base_weights: str | None = None, verify: bool = True) -> Path:
+def merge(run: RunDir, settings: MergeSpec | None = None, verify: bool = True) -> Path:
+    """Merge with `settings` (default: the run's own merge section) into run/merged."""
     started = time.time()
     recipe = run.recipe()
-    mode = base_weights or recipe.merge.base_weights
-    check_run(run)
+    recipe = recipe.model_copy(update={"merge": settings}) if settings else recipe
+    check_run(run, recipe)
     config = json.loads((run.adapter / "adapter_config.json").read_text())
     deltas = load_deltas(run.adapter)
-    scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+    scaling = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
     source = base_checkpoint(recipe)
     shards = shard_files(source)
     check_fit(deltas, source, shards)
     check_disk(source, shards, run.path)
-    clean_stale_staging(run.path)
-    staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=run.path))
-    try:
+    losses = adapter_losses(recipe, run.adapter, source) if verify else None
+    mode, why = choose_base_weights(recipe, losses)
+    rounded = quantized_weight_names(recipe, source) if mode == "dequantized" else frozenset()
+    clean_stale(run.path, "merged")
+    with staged_dir(run.merged) as staging:
         for shard in console_progress(shards):
-            merge_shard(source / shard, staging / shard, deltas, scaling, recipe, mode)
+            merge_shard(source / shard, staging / shard, deltas, scaling, recipe.merge.dtype, rounded, recipe)
         write_companions(source, staging, run, recipe)
-        report = {"adapter_sha256": adapter_fingerprint(run), "base_weights": mode, "shards": len(shards),
-                  "merged_weights": len(deltas),
+        report = {"adapter_sha256": adapter_fingerprint(run), "settings": recipe.merge.model_dump(),
+                  "base_weights": mode, "base_weights_reason": why, "shards": len(shards),
+                  "merged_weights": len(deltas), "nf4_rounded_weights": len(rounded),
                   "merge_seconds": round(time.time() - started, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if verify:
-            report["verification"] = check_merged(recipe, run, staging, source, mode)
+            report["verification"] = check_merged(recipe, run, staging, source, losses, mode, why)
         write_json_atomic(staging / "merge_report.json", report)
-        staging.chmod(0o755)
-        publish(staging, run.path / "merged")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    console.note(f"merged model: {run.path / 'merged'} ({len(deltas)} weights merged, {mode} base weights)")
-    return run.path / "merged"
+    console.note(f"merged model: {run.merged} ({len(deltas)} weights merged into {mode} base weights)")
+    return run.merged
+
+
+def merge_settings(run: RunDir, overrides: tuple[str, ...], base_weights: str | None) -> MergeSpec:
+    """The run's merge settings with the user's merge.* overrides (and --base-weights) applied."""
+    from qlora_app.recipe_loader import load_recipe
+
+    others = [o for o in overrides if not o.startswith("merge.")]
+    if others:
+        raise UserError(f"merge takes only merge.* settings (got {others[0]!r}): the rest of the recipe is the "
+                        "run's own")
+    overrides = (*overrides, f"merge.base_weights={base_weights}") if base_weights else overrides
+    return load_recipe(str(run.recipe_file), overrides).merge
+
+
+def choose_base_weights(recipe: Recipe, losses: AdapterLosses | None) -> tuple[str, str]:
+    """(base weights to merge into, why) for merge.base_weights, auto resolved with the held-out losses."""
+    wanted = recipe.merge.base_weights
+    if wanted != "auto":
+        return wanted, f"merge.base_weights={wanted}"
+    if not recipe.quantization.enabled:
+        return "original", "the adapter was trained on the original 16-bit weights"
+    if losses is None:
+        return "dequantized", "the weights the adapter was trained on (no held-out check: --no-verify)"
+    return losses.closest_to_trained()
+
+
+def is_current(run: RunDir, settings: MergeSpec) -> bool:
+    """run/merged was made from the adapter as it is now, with these merge settings."""
+    if not run.merge_report.is_file() or not (run.adapter / "adapter_model.safetensors").is_file():
+        return False
+    made = json.loads(run.merge_report.read_text())
+    return (made.get("adapter_sha256"), made.get("settings")) == (adapter_fingerprint(run), settings.model_dump())
 
 
 def adapter_fingerprint(run: RunDir) -> str:
@@ -76,37 +109,40 @@ def adapter_fingerprint(run: RunDir) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def check_merged(recipe: Recipe, run: RunDir, staging: Path, source: Path, mode: str) -> dict:
-    from qlora_app.merge_verify import LOGIT_TOLERANCE, verify
-
-    result = verify(recipe, run.adapter, staging, source, mode)
-    print_verification(result, mode)
-    if result.relative_logit_diff > LOGIT_TOLERANCE:
+def check_merged(recipe: Recipe, run: RunDir, staging: Path, source: Path, losses: AdapterLosses, mode: str,
+                 why: str) -> dict:
+    check = compare_merged(recipe, run.adapter, staging, source, mode)
+    print_verification(losses, check, why)
+    if check.relative_logit_diff > LOGIT_TOLERANCE:
         raise UserError(f"the merged model diverges from base + adapter (largest logit difference "
-                        f"{result.max_logit_diff:.3f}, {result.relative_logit_diff:.1%} of the logit scale); "
+                        f"{check.max_logit_diff:.3f}, {check.relative_logit_diff:.1%} of the logit scale); "
                         "nothing was written")
-    trained = result.loss_adapter_on_4bit
-    if trained is not None and result.loss_merged > trained * (1 + recipe.merge.max_loss_increase):
-        other = "dequantized" if mode == "original" else "original"
-        console.err.print(f"[yellow]warning:[/] the merged model's held-out loss ({result.loss_merged:.4f}) is "
-                          f"more than {recipe.merge.max_loss_increase:.1%} above the adapter on its 4-bit base "
-                          f"({trained:.4f}); compare --base-weights {other}")
-    return result.as_dict()
+    trained = losses.on_4bit
+    if trained is not None and check.loss_merged > trained * (1 + recipe.merge.max_loss_increase):
+        console.warn(f"the merged model's held-out loss ({check.loss_merged:.4f}) is more than "
+                     f"{recipe.merge.max_loss_increase:.1%} above the adapter on its 4-bit base ({trained:.4f}): "
+                     "it answers somewhat differently from the model that was trained")
+    return {"examples": losses.examples, "max_logit_diff": check.max_logit_diff,
+            "relative_logit_diff": check.relative_logit_diff, "loss_adapter_on_4bit": losses.on_4bit,
+            "loss_adapter_on_original": losses.on_original, "loss_adapter_on_dequantized": losses.on_dequantized,
+            "loss_merged": check.loss_merged}
 
 
-def print_verification(result, mode: str) -> None:
+def print_verification(losses: AdapterLosses, check: MergedCheck, why: str) -> None:
     from rich.table import Table
 
-    table = Table(title=f"merge check on {result.examples} held-out examples", show_header=False)
+    table = Table(title=f"merge check on {losses.examples} held-out examples", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    rows = [("largest logit difference, merged vs base + adapter", f"{result.max_logit_diff:.4f}"),
-            ("held-out loss: adapter on the 4-bit base (as trained)", fmt(result.loss_adapter_on_4bit)),
-            ("held-out loss: adapter on the original 16-bit base", fmt(result.loss_adapter_on_original)),
-            ("held-out loss: adapter on dequantized NF4 weights", fmt(result.loss_adapter_on_dequantized)),
-            (f"held-out loss: merged model ({mode} base weights)", fmt(result.loss_merged))]
+    rows = [("held-out loss: adapter on the 4-bit base (as trained)", fmt(losses.on_4bit)),
+            ("held-out loss: adapter on the original 16-bit base", fmt(losses.on_original)),
+            ("held-out loss: adapter on dequantized NF4 weights", fmt(losses.on_dequantized)),
+            ("merged into", f"{check.base_weights} base weights"),
+            ("held-out loss: merged model", fmt(check.loss_merged)),
+            ("largest logit difference, merged vs base + adapter", f"{check.max_logit_diff:.4f}")]
     for row in rows:
         table.add_row(*row)
+    table.caption = f"{check.base_weights}: {why}"
     console.out.print(table)
 
 
@@ -114,7 +150,10 @@ def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def check_run(run: RunDir) -> None:
+def check_run(run: RunDir, recipe: Recipe) -> None:
+    if recipe.merge.base_weights == "dequantized" and not recipe.quantization.enabled:
+        raise UserError(f"{run.path} trained plain LoRA on 16-bit weights: merging into NF4-rounded "
+                        "(dequantized) weights would change the base it learned on; use original or auto")
     missing = [name for name in ADAPTER_FILES if not (run.adapter / name).is_file()]
     if missing:
         raise UserError(f"{run.path} has no complete adapter (missing {', '.join(missing)}): train it first "
@@ -189,11 +228,13 @@ def check_disk(source: Path, shards: list[str], target: Path) -> None:
                         "is available")
 
 
-def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, recipe: Recipe, mode: str) -> None:
-    """Stream one shard: read a tensor, merge it if adapted, write it, forget it."""
+def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, dtype_name: str,
+                rounded: frozenset[str], recipe: Recipe) -> None:
+    """Stream one shard: read a tensor, round it through NF4 if it is in `rounded`, merge it if adapted, write
+    it, forget it."""
     import torch
 
-    dtype = getattr(torch, recipe.merge.dtype)
+    dtype = getattr(torch, dtype_name)
     header, _ = read_header(src)
     layout = [(name, dtype if DTYPES[info["dtype"]] in FLOAT_DTYPES else getattr(torch, DTYPES[info["dtype"]]),
                tuple(info["shape"]))
@@ -201,22 +242,13 @@ def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, 
     with StreamWriter(dst, layout) as writer:
         for name, tensor in iter_tensors(src):
             weight = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            if name in rounded:
+                weight = nf4_round_trip(weight, recipe)
             delta = deltas.get(name)
             if delta is not None:
-                if mode == "dequantized":
-                    weight = nf4_round_trip(weight, recipe)
                 update = (delta.lora_b.float() @ delta.lora_a.float()) * scaling
                 weight = (weight.float() + update).to(dtype)
             writer.write(name, weight)
-
-
-def nf4_round_trip(weight, recipe: Recipe):
-    """The weight as the adapter saw it during training: dequant(quant(W)) with the recipe's settings."""
-    import bitsandbytes.functional as bnbf
-
-    q = recipe.quantization
-    packed, state = bnbf.quantize_4bit(weight, quant_type=q.quant_type, compress_statistics=q.double_quant)
-    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
 
 
 def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -> None:
@@ -243,23 +275,6 @@ def model_card(recipe: Recipe, run: RunDir) -> str:
             f"{manifest.get('data', {}).get('fingerprint', 'n/a')})\n"
             f"- held-out loss: base {losses.get('base_eval_loss')}, tuned {losses.get('final_eval_loss')}\n\n"
             "The resolved recipe is in the run directory's recipe.yaml.\n")
-
-
-def clean_stale_staging(parent: Path) -> None:
-    """Folders left by a merge that was killed: never a model, always safe to remove."""
-    for stale in parent.glob(".merged-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def publish(staging: Path, target: Path) -> None:
-    """Swap staging into target with renames: a reader sees the old model or the new one, never half of one."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".merged-old-{os.getpid()}")
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def console_progress(items: list[str]):

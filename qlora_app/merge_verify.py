@@ -1,14 +1,14 @@
-"""Checks a merged model against what was trained, on the run's held-out examples, before merge succeeds.
+"""Checks a merge against what was trained, on the run's held-out examples.
 
-- merged vs bf16 base + adapter (peft, unmerged): the largest logit difference; beyond tolerance the merge
-  itself is wrong and the stage fails;
-- held-out loss of: the adapter on the 4-bit base it was trained on, the adapter on the original 16-bit base,
-  the adapter on dequant(NF4) base weights, and the merged model, so a user can choose --base-weights with data.
+Before merging, the adapter's held-out loss on every base it could be merged into: the 4-bit base it was trained
+on (the reference), the original 16-bit weights, and dequant(NF4) of them. `auto` merges into the base whose loss
+is closest to the reference. After merging, the merged model against the unmerged base + adapter it should
+equal (the largest logit difference; beyond tolerance the merge itself is wrong and the stage fails).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_app.recipe import Recipe
@@ -18,17 +18,31 @@ LOGIT_TOLERANCE = 0.05  # relative to the largest logit magnitude; bf16 rounding
 
 
 @dataclass(frozen=True)
-class Verification:
+class AdapterLosses:
+    """Held-out loss of the unmerged adapter on each base."""
+
     examples: int
+    on_4bit: float | None  # as trained; None for plain LoRA, trained on the original weights
+    on_original: float
+    on_dequantized: float | None  # None for plain LoRA
+
+    def closest_to_trained(self) -> tuple[str, str]:
+        """(base weights, why) for merge.base_weights=auto."""
+        if self.on_4bit is None or self.on_dequantized is None:
+            return "original", "the adapter was trained on the original 16-bit weights"
+        gaps = {"original": abs(self.on_original - self.on_4bit), "dequantized": abs(self.on_dequantized - self.on_4bit)}
+        best = min(gaps, key=gaps.get)
+        loss = self.on_original if best == "original" else self.on_dequantized
+        return best, (f"its held-out loss with the adapter ({loss:.4f}) is closest to the adapter on the 4-bit "
+                      f"base it was trained on ({self.on_4bit:.4f})")
+
+
+@dataclass(frozen=True)
+class MergedCheck:
+    base_weights: str
     max_logit_diff: float
     relative_logit_diff: float
-    loss_adapter_on_4bit: float | None
-    loss_adapter_on_original: float
-    loss_adapter_on_dequantized: float | None
     loss_merged: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def heldout_examples(recipe: Recipe, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -40,55 +54,70 @@ def heldout_examples(recipe: Recipe, tokenizer) -> list[tuple[list[int], list[in
     return list(zip(encoded.input_ids, encoded.labels))[:MAX_EXAMPLES]
 
 
-def verify(recipe: Recipe, adapter: Path, merged: Path, source: Path, mode: str) -> Verification:
-    """Held-out losses of every way to use the adapter, and the merged model against the unmerged one it
-    should equal: base weights of the same kind (`mode`) + adapter."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_examples(recipe: Recipe, adapter: Path):
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a bar per small load, four times over, would bury the report
-    examples = heldout_examples(recipe, AutoTokenizer.from_pretrained(adapter))
-    dtype = getattr(torch, recipe.merge.dtype)
-    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype).eval()
-    loss_merged = mean_loss(merged_model, examples)
-    losses, diff, scale = {}, 0.0, 1.0
-    kinds = ("original", "dequantized") if recipe.quantization.enabled else ("original",)
-    for kind in kinds:
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-        if kind == "dequantized":
-            dequantize_targets(base, recipe)
-        unmerged = PeftModel.from_pretrained(base, adapter).eval()
-        losses[kind] = mean_loss(unmerged, examples)
-        if kind == mode:
-            diff, scale = logit_difference(merged_model, unmerged, examples)
-        del unmerged, base
-    return Verification(len(examples), diff, diff / max(scale, 1e-6), loss_on_4bit(recipe, adapter, examples),
-                        losses["original"], losses.get("dequantized"), loss_merged)
+    hf_logging.disable_progress_bar()  # a bar per small load, several times over, would bury the report
+    return heldout_examples(recipe, AutoTokenizer.from_pretrained(adapter))
 
 
-def dequantize_targets(model, recipe: Recipe) -> None:
-    """Replace every adapted weight by dequant(quant(W)): the base as the adapter saw it in training."""
+def adapter_losses(recipe: Recipe, adapter: Path, source: Path) -> AdapterLosses:
+    examples = load_examples(recipe, adapter)
+    on_4bit = on_dequantized = None
+    if recipe.quantization.enabled:
+        on_4bit = mean_loss(adapter_on_4bit(recipe, adapter), examples)
+        on_dequantized = mean_loss(unmerged(recipe, adapter, source, "dequantized"), examples)
+    on_original = mean_loss(unmerged(recipe, adapter, source, "original"), examples)
+    return AdapterLosses(len(examples), on_4bit, on_original, on_dequantized)
+
+
+def compare_merged(recipe: Recipe, adapter: Path, merged: Path, source: Path, base_weights: str) -> MergedCheck:
+    """The merged model against base + adapter, the base being of the kind that was merged into."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if base_weights not in ("original", "dequantized") or (base_weights == "dequantized"
+                                                           and not recipe.quantization.enabled):
+        raise ValueError(f"cannot check a merge into {base_weights!r} base weights for a {recipe.method} recipe")
+    examples = load_examples(recipe, adapter)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, recipe.merge.dtype)).eval()
+    reference = unmerged(recipe, adapter, source, base_weights)
+    diff, scale = logit_difference(model, reference, examples)
+    return MergedCheck(base_weights, diff, diff / max(scale, 1e-6), mean_loss(model, examples))
+
+
+def unmerged(recipe: Recipe, adapter: Path, source: Path, base_weights: str):
+    """The 16-bit base (rounded through NF4 for 'dequantized') with the adapter on top, unmerged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, recipe.merge.dtype)).eval()
+    if base_weights == "dequantized":
+        dequantize(base, recipe, source)
+    return PeftModel.from_pretrained(base, adapter).eval()
+
+
+def dequantize(model, recipe: Recipe, source: Path) -> None:
+    """Every weight bitsandbytes quantized in training replaced by dequant(quant(W)): the base the adapter saw."""
     import torch
 
-    from qlora_app.merge import nf4_round_trip
+    from qlora_app.model_loading import nf4_round_trip, quantized_weight_names
 
-    targets = tuple(recipe.lora.target_modules)
+    names = quantized_weight_names(recipe, source)
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.split(".")[-1] in targets and hasattr(module, "weight"):
-                module.weight.copy_(nf4_round_trip(module.weight.data, recipe))
+        for name, param in model.named_parameters():
+            if name in names:
+                param.copy_(nf4_round_trip(param.data, recipe))
 
 
-def loss_on_4bit(recipe: Recipe, adapter: Path, examples) -> float | None:
-    if not recipe.quantization.enabled:
-        return None
+def adapter_on_4bit(recipe: Recipe, adapter: Path):
     from peft import PeftModel
 
     from qlora_app.model_loading import load_base
 
-    return mean_loss(PeftModel.from_pretrained(load_base(recipe), adapter).eval(), examples)
+    return PeftModel.from_pretrained(load_base(recipe), adapter).eval()
 
 
 def mean_loss(model, examples) -> float:

@@ -49,6 +49,32 @@ def quantization_config(recipe: Recipe) -> BitsAndBytesConfig | None:
     )
 
 
+def quantized_weight_names(recipe: Recipe, model_dir) -> frozenset[str]:
+    """The weights bitsandbytes stores in 4-bit when the recipe loads this model: every linear layer's weight
+    but those of quantization.skip_modules, by transformers' own matching rule. Empty for plain LoRA."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if not recipe.quantization.enabled:
+        return frozenset()
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    skip = list(recipe.quantization.skip_modules)
+    return frozenset(f"{name}.weight" for name, module in skeleton.named_modules()
+                     if isinstance(module, torch.nn.Linear) and should_convert_module(name, skip))
+
+
+def nf4_round_trip(weight, recipe: Recipe):
+    """A weight as training saw it: dequant(quant(W)) with the recipe's 4-bit settings."""
+    import bitsandbytes.functional as bnbf
+
+    q = recipe.quantization
+    packed, state = bnbf.quantize_4bit(weight, quant_type=q.quant_type, compress_statistics=q.double_quant)
+    return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
+
+
 def default_device_map():
     import torch
 

@@ -1,65 +1,67 @@
 """train -> merge -> serve, each stage skipped when its outputs are already current.
 
-Training is current when the latest run of the recipe finished with the same training settings and the same
-data (fingerprints of the normalized records); an interrupted run with the same recipe is resumed instead of
-restarted. A merged model is current when it was made from the run's adapter as it is now.
+Training is current when a run of the recipe finished with the same training settings and the same data
+(fingerprints of the normalized records); an interrupted one with a checkpoint is resumed instead of restarted.
+A merged model is current when it was made from the run's adapter as it is now, with the merge settings given
+now.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from qlora_app import console
 from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, latest_run
+from qlora_app.errors import UserError
+from qlora_app.run_dir import RunDir, runs_of
 
 
-def same_recipe_run(recipe: Recipe, root: Path) -> RunDir | None:
-    run = latest_run(recipe.name, root)
-    if run is None or not run.recipe_file.is_file() or run.recipe().training_fields() != recipe.training_fields():
-        return None
-    return run
-
-
-def same_data(run: RunDir, recipe: Recipe) -> bool:
+def data_fingerprints(recipe: Recipe) -> tuple[str, str]:
     from qlora_app.data import load_splits
 
     train, held_out = load_splits(recipe.data)
-    data = run.read_manifest().get("data", {})
-    return (data.get("fingerprint"), data.get("eval_fingerprint")) == (train.fingerprint, held_out.fingerprint)
+    return train.fingerprint, held_out.fingerprint
+
+
+def reusable_run(recipe: Recipe, root: Path) -> RunDir | None:
+    """The newest run of the recipe with the same training settings and data that finished or can be resumed;
+    runs that crashed before their first checkpoint, or were trained otherwise, are looked past."""
+    wanted = data_fingerprints(recipe)
+    for run in runs_of(recipe.name, root):
+        if ((run.finished or run.complete_checkpoints()) and run.data_fingerprints() == wanted
+                and same_training(run, recipe)):
+            return run
+    return None
+
+
+def same_training(run: RunDir, recipe: Recipe) -> bool:
+    try:
+        return run.recipe().training_fields() == recipe.training_fields()
+    except UserError:  # a recipe.yaml this version cannot read: not the same training
+        return False
 
 
 def ensure_trained(recipe: Recipe, root: Path) -> RunDir:
     from qlora_app.train import train
 
-    run = same_recipe_run(recipe, root)
-    if run is not None and run.finished and same_data(run, recipe):
+    run = reusable_run(recipe, root)
+    if run is not None and run.finished:
         console.note(f"train: skipped, {run.path} is current (same recipe and data)")
         return run
-    if run is not None and not run.finished and run.complete_checkpoints():
+    if run is not None:
         console.note(f"train: resuming {run.path}")
         return train(recipe, root, resume=str(run.path))  # says from which checkpoint
     return train(recipe, root)
 
 
-def merged_is_current(run: RunDir, base_weights: str) -> bool:
-    from qlora_app.merge import adapter_fingerprint
-
-    report = run.path / "merged" / "merge_report.json"
-    if not report.is_file():
-        return False
-    made = json.loads(report.read_text())
-    return (made.get("adapter_sha256"), made.get("base_weights")) == (adapter_fingerprint(run), base_weights)
-
-
 def ensure_merged(run: RunDir, recipe: Recipe) -> None:
-    from qlora_app.merge import merge
+    """Merge with the merge settings given now; skipped when run/merged was made that way from this adapter."""
+    from qlora_app.merge import is_current, merge
 
-    if merged_is_current(run, recipe.merge.base_weights):
-        console.note(f"merge: skipped, {run.path / 'merged'} is current (made from this adapter)")
+    if is_current(run, recipe.merge):
+        console.note(f"merge: skipped, {run.merged} is current (made from this adapter with these settings)")
     else:
-        merge(run, recipe.merge.base_weights)
+        merge(run, recipe.merge)
 
 
 def pipeline(recipe: Recipe, root: Path, host: str, port: int, allow_unauthenticated: bool = False) -> None:

@@ -91,6 +91,22 @@ def recommendation(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: flo
             f"{best.grad_accum}, gradient checkpointing {'on' if best.gradient_checkpointing else 'off'} ({sets})")
 
 
+def out_of_memory_advice(recipe: Recipe, free_bytes: int | None) -> str:
+    """The one line a CUDA out-of-memory error becomes: what the planner fits in the memory that was free."""
+    t, seq = recipe.train, recipe.data.max_length
+    head = f"out of GPU memory at batch {t.batch_size} x {seq} tokens"
+    if not free_bytes:
+        return f"{head}: lower train.batch_size or data.max_length (qlora-app plan {recipe.name} shows what fits)"
+    arch = load_architecture(recipe.model)
+    budget = int(free_bytes)
+    batch = planner.largest_batch(recipe, arch, budget)
+    longest = planner.largest_seq_len(recipe, arch, budget)
+    fits = (f"--set train.batch_size={batch} --set train.grad_accum={max(1, t.effective_batch // batch)}"
+            if batch else f"--set data.max_length={longest}" if longest else "a GPU with more memory")
+    return (f"{head}: with the {gib(budget)} GiB that were free, the plan fits batch {batch} at {seq} tokens, or "
+            f"{longest} tokens at batch {t.batch_size}; try {fits} (same tokens per update)")
+
+
 def print_comparison(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> None:
     lora = planner.as_lora(recipe)
     qlora = recipe.with_section("quantization", enabled=True)
@@ -113,12 +129,15 @@ def print_recipes(gpu_gib: float) -> None:
     table = Table(title=f"Recipes (peak VRAM from the planner; fits = within {gpu_gib:g} GiB)")
     for column in ("recipe", "model", "method", "VRAM GiB", "fits"):
         table.add_column(column, justify="right" if column == "VRAM GiB" else "left", no_wrap=True)
+    about = Table.grid(padding=(0, 2))
     for name in list_recipes():
         try:
             recipe = load_recipe(name)
             total = planner.plan(recipe, load_architecture(recipe.model)).total
             table.add_row(name, recipe.model.path, describe_method(recipe), gib(total),
                           "yes" if total <= gpu_gib * GiB else "no")
+            about.add_row(f"[bold]{name}[/]", recipe.description)
         except UserError as exc:
             table.add_row(name, f"[red]invalid: {exc}[/]", "", "", "")
     out.print(table)
+    out.print(about)

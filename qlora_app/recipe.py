@@ -59,7 +59,12 @@ class LoraSpec(Section):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
+    """What B @ A is multiplied by: alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA (as peft does)."""
+    return alpha / (r**0.5 if rslora else r)
 
 
 DataFormat = Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion"]
@@ -74,6 +79,9 @@ class DataSpec(Section):
     max_length: int = Field(1024, ge=16)
     packing: bool = True
 
+
+# The ranks vLLM's --max-lora-rank accepts.
+VllmLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -133,7 +141,7 @@ class ServeSpec(Section):
         "none", description="fp8: vLLM quantizes the served weights to FP8 as they load (GPU only; halves their "
                             "memory, room for a longer KV cache or more adapters).")
     max_loras: int = Field(4, ge=1, description="Adapters active in one batch (vLLM --max-loras).")
-    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+    max_lora_rank: VllmLoraRank | None = Field(
         None, description="The server's max LoRA rank; default: the smallest that holds every adapter.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Model id -> run directory.")
     tensor_parallel_size: int = Field(
@@ -175,4 +183,7 @@ class Recipe(Section):
     def _check_cross_fields(self) -> Recipe:
         if self.data.eval_split is None and self.data.eval_fraction == 0:
             raise ValueError("data needs a held-out set: set data.eval_fraction > 0 or data.eval_split")
+        if self.merge.base_weights == "dequantized" and not self.quantization.enabled:
+            raise ValueError("merge.base_weights=dequantized rounds the base to NF4, but this recipe trains on "
+                             "16-bit weights (quantization.enabled: false): use 'original' or 'auto'")
         return self

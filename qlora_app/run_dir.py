@@ -8,7 +8,13 @@ runs/<recipe>/<run-id>/
   metrics.jsonl      every logged step (loss, lr, eval loss, tokens/s)
   loss_curve.png     train and eval loss
   manifest.json      versions, git commit, data fingerprint, timings, memory, losses
-runs/<recipe>/latest -> <run-id>
+  merged/            the merge stage's 16-bit model, with merge_report.json (how it was made and checked)
+runs/<recipe>/latest -> <run-id>     the recipe's newest run that has a checkpoint or finished
+runs/latest -> <recipe>/<run-id>     the same, over all recipes: what `merge` and `serve` take by default
+runs/logs/                           the serve stage's vLLM logs
+
+`latest` moves only once a run has something to resume or use (a complete checkpoint, or the finished
+adapter): a run that crashed while loading never hides the run before it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from qlora_app import console
+from qlora_app.atomic import write_text_atomic
 from qlora_app.errors import UserError
 from qlora_app.recipe import Recipe
 from qlora_app.recipe_loader import dump_recipe, load_recipe
@@ -43,6 +51,8 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.jsonl")
     loss_curve = property(lambda self: self.path / "loss_curve.png")
     manifest = property(lambda self: self.path / "manifest.json")
+    merged = property(lambda self: self.path / "merged")
+    merge_report = property(lambda self: self.path / "merged" / "merge_report.json")
 
     @classmethod
     def create(cls, recipe: Recipe, root: Path) -> RunDir:
@@ -52,8 +62,12 @@ class RunDir:
         path.chmod(0o755)
         run = cls(path)
         write_text_atomic(run.recipe_file, dump_recipe(recipe))
-        point_latest(base, path.name)
         return run
+
+    def mark_latest(self) -> None:
+        """Point runs/<recipe>/latest and runs/latest here (the run has a checkpoint or finished)."""
+        point_latest(self.path.parent, self.path.name)
+        point_latest(self.path.parent.parent, f"{self.path.parent.name}/{self.path.name}")
 
     def recipe(self) -> Recipe:
         if not self.recipe_file.is_file():
@@ -88,6 +102,11 @@ class RunDir:
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest.read_text()) if self.manifest.is_file() else {}
 
+    def data_fingerprints(self) -> tuple[str | None, str | None]:
+        """The training and held-out data the run was started on (normalized records)."""
+        data = self.read_manifest().get("data", {})
+        return data.get("fingerprint"), data.get("eval_fingerprint")
+
     @property
     def finished(self) -> bool:
         return self.read_manifest().get("status") == "finished"
@@ -120,33 +139,25 @@ def point_latest(base: Path, name: str) -> None:
     tmp.replace(base / "latest")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def runs_of(recipe_name: str, root: Path) -> list[RunDir]:
+    """Every run directory of a recipe, newest first (run ids start with their UTC start time)."""
+    found = [RunDir(p) for p in (root / recipe_name).glob("2*") if (p / "recipe.yaml").is_file()]
+    return sorted(found, key=lambda run: run.path.name, reverse=True)
 
 
 def find_run(run_dir: str | None, recipe_name: str | None, root: Path) -> RunDir:
-    """RUN_DIR if given, else the latest run of the recipe, else the latest run of the only recipe with runs."""
+    """RUN_DIR if given, else the latest run of the recipe, else the latest run of any recipe (runs/latest)."""
     if run_dir:
         run = RunDir(Path(run_dir).resolve())
         run.recipe()  # fails with a clear line if it is not a run directory
         return run
     if recipe_name is None:
-        names = sorted(p.parent.name for p in root.glob("*/latest"))
-        if len(names) != 1:
-            raise UserError(f"say which run: give RUN_DIR or --recipe NAME (runs under {root}: "
-                            f"{', '.join(names) or 'none'})")
-        recipe_name = names[0]
+        link = root / "latest"
+        if not link.exists():
+            raise UserError(f"no trained run under {root}: train one first with: qlora-app train RECIPE")
+        run = RunDir(link.resolve())
+        console.note(f"using the latest run: {run.path} (recipe {run.path.parent.name})")
+        return run
     run = latest_run(recipe_name, root)
     if run is None:
         raise UserError(f"no run of recipe '{recipe_name}' under {root}: train one first with: "

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from qlora_app.atomic import staged_dir
 
 BUILTIN_PREFIX = "builtin:"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
@@ -61,17 +61,8 @@ def materialize(path: str) -> Path:
     target = cache_root() / "builtin" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_dir(target) as staging:
         _build(name, corpus, staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # lost a race with another builder: theirs is fine
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

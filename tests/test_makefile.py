@@ -76,7 +76,7 @@ def test_help_lists_every_target_with_one_line():
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_gpu_targets_run_the_image_with_gpu_user_mounts_and_secrets_by_name(target):
-    words = docker_run(target)
+    words = docker_run(target, "RECIPE=tiny")
     assert words[:4] == ["docker", "run", "--rm", "--init"]
     assert option(words, "--gpus") == ["all"]
     assert option(words, "--user") == [UID_GID]
@@ -92,7 +92,7 @@ def test_gpu_targets_run_the_image_with_gpu_user_mounts_and_secrets_by_name(targ
 def test_interactive_only_when_stdin_is_a_terminal():
     leader, terminal = pty.openpty()
     try:
-        result = subprocess.run(["make", "-n", "train"], cwd=REPO, stdin=terminal, capture_output=True, text=True,
+        result = subprocess.run(["make", "-n", "train", "RECIPE=tiny"], cwd=REPO, stdin=terminal, capture_output=True, text=True,
                                 timeout=60)
     finally:
         os.close(leader)
@@ -103,7 +103,7 @@ def test_interactive_only_when_stdin_is_a_terminal():
 
 @pytest.mark.parametrize("target", APP_TARGETS)
 def test_app_targets_check_docker_and_create_mount_sources_first(target):
-    out = make(target).stdout
+    out = make(target, "RECIPE=tiny").stdout
     gpu = "--gpu " if target in GPU_TARGETS else ""
     assert f"scripts/docker-preflight.sh {gpu}{IMAGE} && mkdir -p runs" in out
     assert out.index("docker-preflight.sh") < out.index("docker run")
@@ -111,20 +111,20 @@ def test_app_targets_check_docker_and_create_mount_sources_first(target):
 
 @pytest.mark.parametrize("target", ["recipes", "plan"])
 def test_cpu_targets_run_the_image_without_a_gpu(target):
-    assert "--gpus" not in docker_run(target)
+    assert "--gpus" not in docker_run(target, "RECIPE=tiny")
 
 
 @pytest.mark.parametrize("target", ALL_TARGETS)
 def test_secret_values_never_appear(target):
     for extra in ([], ["BIND=0.0.0.0"], ["LOCAL=1"]):
-        result = make(target, *extra, **SECRETS)
+        result = make(target, "RECIPE=tiny", *extra, **SECRETS)
         for value in SECRETS.values():
             assert value not in result.stdout + result.stderr, (target, extra)
 
 
 def test_image_variables_follow_the_package_version_and_overrides():
     assert f"docker build -t {IMAGE} " in make("image").stdout
-    words = docker_run("train", "IMAGE=me/qlora:dev", "GPUS=device=1", "HF_HOME=/data/hf")
+    words = docker_run("train", "RECIPE=tiny", "IMAGE=me/qlora:dev", "GPUS=device=1", "HF_HOME=/data/hf")
     assert app_args(words, "me/qlora:dev") == ["train", "tiny"]
     assert option(words, "--gpus") == ["device=1"]
     assert "/data/hf:/cache/huggingface" in option(words, "-v")
@@ -132,7 +132,7 @@ def test_image_variables_follow_the_package_version_and_overrides():
 
 def test_hf_cache_defaults_to_the_users():
     environment = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "MAKEFLAGS")} | {"HOME": "/home/ada"}
-    result = subprocess.run(["make", "-n", "train"], cwd=REPO, env=environment, capture_output=True, text=True)
+    result = subprocess.run(["make", "-n", "train", "RECIPE=tiny"], cwd=REPO, env=environment, capture_output=True, text=True)
     words = command_line(result.stdout, "docker run")
     assert "/home/ada/.cache/huggingface:/cache/huggingface" in option(words, "-v")
 
@@ -141,7 +141,13 @@ def test_train_recipe_overrides_and_resume():
     words = docker_run("train", "RECIPE=llama3-8b", "SET=train.lr=1e-4 lora.r=16")
     assert app_args(words) == ["train", "llama3-8b", "--set", "train.lr=1e-4", "--set", "lora.r=16"]
     assert app_args(docker_run("train", "RECIPE=llama3-8b", "RESUME=1")) == ["train", "llama3-8b", "--resume"]
-    assert app_args(docker_run("train", "RESUME=runs/tiny/abc"))[-2:] == ["--resume", "runs/tiny/abc"]
+    assert app_args(docker_run("train", "RECIPE=tiny", "RESUME=runs/tiny/abc"))[-2:] == ["--resume", "runs/tiny/abc"]
+
+
+@pytest.mark.parametrize("target", ["train", "plan", "pipeline"])
+def test_targets_that_start_from_a_recipe_need_one(target):
+    result = make(target)
+    assert result.returncode != 0 and f"make {target} needs RECIPE=<name>" in result.stderr
 
 
 def test_train_ranks_follow_nproc_or_the_gpus_given():
@@ -160,6 +166,7 @@ def test_serve_hands_the_gpus_given_to_the_container():
 
 
 def test_merge_takes_the_latest_run_of_the_recipe_or_run():
+    assert app_args(docker_run("merge")) == ["merge"]  # the CLI takes the latest run of any recipe
     assert app_args(docker_run("merge", "RECIPE=llama3-8b")) == ["merge", "--recipe", "llama3-8b"]
     assert app_args(docker_run("merge", "RUN=runs/tiny/abc")) == ["merge", "runs/tiny/abc"]
     # In the container runs/ is /app/runs and the working directory /app: a path inside the project is made
@@ -173,8 +180,8 @@ def test_serve_publishes_on_loopback_without_a_key():
     assert app_args(words) == ["serve", "--recipe", "llama3-8b", "--host", "0.0.0.0", "--port", "8000",
                                "--allow-unauthenticated"]
     assert option(docker_run("serve", "BIND=localhost"), "-p") == ["127.0.0.1:8000:8000"]
-    assert app_args(docker_run("serve", "SET=serve.max_model_len=4096"))[2:5] == ["tiny", "--set",
-                                                                                 "serve.max_model_len=4096"]
+    assert app_args(docker_run("serve", "SET=serve.max_model_len=4096"))[:3] == ["serve", "--set",
+                                                                                "serve.max_model_len=4096"]
 
 
 def test_serve_a_run_or_adapters():
@@ -187,7 +194,7 @@ def test_serve_a_run_or_adapters():
 
 def test_public_bind_needs_a_key_and_gets_no_unauthenticated_flag():
     for target in ("serve", "pipeline"):
-        words = docker_run(target, "BIND=0.0.0.0", QLORA_API_KEY="sk-secret")
+        words = docker_run(target, "RECIPE=tiny", "BIND=0.0.0.0", QLORA_API_KEY="sk-secret")
         assert option(words, "-p") == ["0.0.0.0:8000:8000"]
         assert "--allow-unauthenticated" not in words
         assert app_args(words)[-4:] == ["--host", "0.0.0.0", "--port", "8000"]
@@ -208,9 +215,9 @@ def test_local_mode_runs_the_same_commands_in_the_venv():
                                                                       "--compare"]
     assert local_app("train", "RECIPE=llama3-8b", "SET=a.b=1 c.d=2") == ["train", "llama3-8b", "--set", "a.b=1",
                                                                          "--set", "c.d=2"]
-    assert local_app("train", "RESUME=1") == ["train", "tiny", "--resume"]
+    assert local_app("train", "RECIPE=tiny", "RESUME=1") == ["train", "tiny", "--resume"]
     assert local_app("merge", "RUN=runs/tiny/abc") == ["merge", "runs/tiny/abc"]
-    assert local_app("merge") == ["merge", "--recipe", "tiny"]
+    assert local_app("merge") == ["merge"]
 
 
 def test_local_mode_in_your_own_environment_builds_nothing():
@@ -220,10 +227,10 @@ def test_local_mode_in_your_own_environment_builds_nothing():
 
 
 def test_local_serve_lets_the_cli_apply_its_own_rule():
-    assert local_app("serve", "PORT=9000") == ["serve", "--recipe", "tiny", "--host", "127.0.0.1", "--port", "9000"]
+    assert local_app("serve", "PORT=9000") == ["serve", "--host", "127.0.0.1", "--port", "9000"]
     assert local_app("serve", "BASE=llama3-8b", "ADAPTERS=a=runs/x") == [
         "serve", "--base", "llama3-8b", "--adapter", "a=runs/x", "--host", "127.0.0.1", "--port", "8000"]
-    assert local_app("pipeline", "BIND=0.0.0.0") == ["pipeline", "tiny", "--host", "0.0.0.0", "--port", "8000"]
+    assert local_app("pipeline", "RECIPE=tiny", "BIND=0.0.0.0") == ["pipeline", "tiny", "--host", "0.0.0.0", "--port", "8000"]
 
 
 def test_demo_is_always_local():
@@ -302,7 +309,7 @@ def test_public_bind_without_a_key_is_refused_before_docker_runs(project):
                                           reason="this machine has the toolkit")),
 ])
 def test_preflight_says_what_is_missing(project, setup, message):
-    result, log = run_in(project, "train", **setup)
+    result, log = run_in(project, "train", "RECIPE=tiny", **setup)
     assert result.returncode != 0
     assert message in result.stderr and "LOCAL=1" in result.stderr
     assert "run " not in log
@@ -315,7 +322,7 @@ def test_preflight_without_docker(project):
 
 
 def test_dry_run_builds_nothing(project):
-    result = make("train", "LOCAL=1", cwd=project)
+    result = make("train", "LOCAL=1", "RECIPE=tiny", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "-m venv .venv" in result.stdout, "the venv build is shown..."
     assert sorted(p.name for p in project.iterdir()) == ["Makefile", "fakebin", "pyproject.toml", "requirements",

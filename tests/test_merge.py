@@ -25,20 +25,90 @@ def merged(trained_run) -> Path:
     return trained_run.path / "merged"
 
 
-def test_streaming_merge_equals_peft_merge_and_unload(merged, trained_run, tiny_model_dir):
+def run_copy(trained_run, tmp_path: Path) -> Path:
+    copy = tmp_path / "tiny" / "run"
+    shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints", "tensorboard"))
+    return copy
+
+
+def test_streaming_merge_equals_peft_merge_and_unload(tmp_path, trained_run, tiny_model_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    copy = run_copy(trained_run, tmp_path)
+    result = run_cli("merge", str(copy), "--base-weights", "original", "--no-verify")
+    assert result.returncode == 0, result.stderr[-2000:]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     reference = PeftModel.from_pretrained(base, trained_run.path / "adapter").merge_and_unload().state_dict()
-    ours = load_file(merged / "model.safetensors")
+    ours = load_file(copy / "merged" / "model.safetensors")
     original = load_file(tiny_model_dir / "model.safetensors")
     assert set(ours) == set(reference)
     for key, tensor in ours.items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(tensor, reference[key]), key  # bitwise
     assert sum(not torch.equal(ours[k], original[k]) for k in ours) == 14  # every adapted projection moved
+
+
+def test_auto_merges_into_the_base_closest_to_what_was_trained_and_says_why(merged):
+    report = json.loads((merged / "merge_report.json").read_text())
+    check = report["verification"]
+    gaps = {kind: abs(check[f"loss_adapter_on_{kind}"] - check["loss_adapter_on_4bit"])
+            for kind in ("original", "dequantized")}
+    assert report["settings"]["base_weights"] == "auto"
+    assert report["base_weights"] == min(gaps, key=gaps.get)
+    assert "closest to the adapter on the 4-bit base" in report["base_weights_reason"]
+
+
+def test_merge_settings_given_now_are_the_ones_used(tmp_path, trained_run):
+    from safetensors import safe_open
+
+    copy = run_copy(trained_run, tmp_path)
+    result = run_cli("merge", str(copy), "--set", "merge.dtype=float16", "--base-weights", "original",
+                     "--no-verify")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((copy / "merged" / "merge_report.json").read_text())
+    assert report["settings"]["dtype"] == "float16" and report["base_weights"] == "original"
+    with safe_open(copy / "merged" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
+    assert_one_line_error(run_cli("merge", str(copy), "--set", "train.lr=0.1"), "merge takes only merge.* settings")
+
+
+def test_a_plain_lora_run_is_never_merged_into_nf4_rounded_weights(tmp_path, trained_run):
+    copy = run_copy(trained_run, tmp_path)
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["quantization"]["enabled"] = False
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    from qlora_app.run_dir import RunDir
+
+    RunDir(copy).mark_latest()  # and merge with no run named takes the latest run of any recipe
+    result = run_cli("merge", "--runs-dir", str(tmp_path), "--base-weights", "dequantized")
+    assert f"using the latest run: {copy}" in result.stderr
+    assert_one_line_error(result, f"{copy} trained plain LoRA on 16-bit weights")
+    assert not (copy / "merged").exists()
+
+
+def test_the_check_refuses_a_base_it_cannot_compare(trained_run, tiny_model_dir):
+    from qlora_app.merge_verify import compare_merged
+
+    lora = load_recipe("tiny", ["quantization.enabled=false"])
+    for kind in ("auto", "dequantized"):
+        with pytest.raises(ValueError, match="cannot check a merge into"):
+            compare_merged(lora, trained_run.path / "adapter", tiny_model_dir, tiny_model_dir, kind)
+
+
+def test_dequantized_weights_are_exactly_the_ones_bitsandbytes_quantizes(tiny_model_dir):
+    """Every 4-bit weight of the training model is rounded in a dequantized merge, and nothing else."""
+    import bitsandbytes as bnb
+
+    from qlora_app.model_loading import load_base, quantized_weight_names
+
+    recipe = load_recipe("tiny")
+    trained_in_4bit = {f"{name}.weight" for name, module in load_base(recipe).named_modules()
+                       if isinstance(module, bnb.nn.Linear4bit)}
+    assert quantized_weight_names(recipe, tiny_model_dir) == trained_in_4bit
+    assert "lm_head.weight" not in trained_in_4bit and len(trained_in_4bit) == 14
+    assert quantized_weight_names(load_recipe("tiny", ["quantization.enabled=false"]), tiny_model_dir) == set()
 
 
 def test_merged_model_answers_like_the_adapter_and_stops(merged):
@@ -108,7 +178,7 @@ def test_adapter_that_does_not_fit_the_base_is_a_one_line_error(tmp_path, traine
 
 
 def test_merge_needs_a_run(tmp_path):
-    assert_one_line_error(run_cli("merge", "--runs-dir", str(tmp_path)), "say which run")
+    assert_one_line_error(run_cli("merge", "--runs-dir", str(tmp_path)), f"no trained run under {tmp_path}")
 
 
 def test_merge_report_checks_the_merge_and_compares_base_weights(merged):

@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from conftest import REPO, assert_one_line_error, run_cli
-from qlora_app.pipeline import merged_is_current, same_data, same_recipe_run
+from qlora_app.pipeline import reusable_run
 from qlora_app.recipe_loader import load_recipe
-from qlora_app.run_dir import RunDir, point_latest, write_json_atomic
+from qlora_app.atomic import write_json_atomic
+from qlora_app.run_dir import RunDir, point_latest
 
 
 @pytest.fixture()
@@ -26,24 +27,38 @@ def run_copy(trained_run, tmp_path) -> RunDir:
 
 def test_training_is_current_only_for_the_same_training_settings_and_data(run_copy):
     root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
-    assert same_recipe_run(tiny, root) == run_copy and same_data(run_copy, tiny)
-    serve_only = load_recipe("tiny", ["serve.port=9000", "merge.base_weights=dequantized"])
-    assert same_recipe_run(serve_only, root) == run_copy  # serving and merge settings do not retrain
-    assert same_recipe_run(load_recipe("tiny", ["train.lr=1e-3"]), root) is None
+    assert reusable_run(tiny, root) == run_copy
+    serve_only = load_recipe("tiny", ["serve.port=9000", "merge.dtype=float16"])
+    assert reusable_run(serve_only, root) == run_copy  # serving and merge settings do not retrain
+    assert reusable_run(load_recipe("tiny", ["train.lr=1e-3"]), root) is None
     other_data = load_recipe("tiny", [f"data.source={REPO / 'data/tiny/creatures.jsonl'}"])
-    assert not same_data(run_copy, other_data)
+    assert reusable_run(other_data, root) is None
 
 
-def test_merged_model_is_current_only_for_this_adapter_and_these_base_weights(run_copy):
-    from qlora_app.merge import adapter_fingerprint
+def test_a_crashed_attempt_hides_neither_latest_nor_the_finished_run(run_copy):
+    """A newer run that died before its first checkpoint (a bad GPU, a killed load) is looked past, and
+    `latest` still names the finished run."""
+    root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
+    run_copy.mark_latest()
+    crashed = RunDir.create(tiny, root)
+    assert crashed.path.name > run_copy.path.name
+    assert (root / "tiny" / "latest").resolve() == run_copy.path == (root / "latest").resolve()
+    assert reusable_run(tiny, root) == run_copy
 
-    assert not merged_is_current(run_copy, "original")  # no merged model yet
-    report = run_copy.path / "merged" / "merge_report.json"
-    write_json_atomic(report, {"adapter_sha256": adapter_fingerprint(run_copy), "base_weights": "original"})
-    assert merged_is_current(run_copy, "original")
-    assert not merged_is_current(run_copy, "dequantized")
-    write_json_atomic(report, {"adapter_sha256": "0" * 64, "base_weights": "original"})
-    assert not merged_is_current(run_copy, "original")
+
+def test_merged_model_is_current_only_for_this_adapter_and_these_merge_settings(run_copy):
+    from qlora_app.merge import adapter_fingerprint, is_current
+
+    settings = load_recipe("tiny").merge
+    assert not is_current(run_copy, settings)  # no merged model yet
+    made = {"adapter_sha256": adapter_fingerprint(run_copy), "settings": settings.model_dump()}
+    write_json_atomic(run_copy.merge_report, made)
+    assert is_current(run_copy, settings)
+    assert not is_current(run_copy, load_recipe("tiny", ["merge.dtype=float16"]).merge)
+    assert not is_current(run_copy, load_recipe("tiny", ["merge.max_loss_increase=0.5"]).merge)
+    assert not is_current(run_copy, load_recipe("tiny", ["merge.base_weights=original"]).merge)
+    write_json_atomic(run_copy.merge_report, {**made, "adapter_sha256": "0" * 64})
+    assert not is_current(run_copy, settings)
 
 
 def test_an_interrupted_run_is_resumed_not_restarted(run_copy):

@@ -73,6 +73,8 @@ def test_show_round_trips(tmp_path):
         (["train.optimizer=sgd"], "'paged_adamw_32bit', 'paged_adamw_8bit', 'adamw_torch' or 'adamw_8bit'"),
         (["data.eval_split=null", "data.eval_fraction=0"], "data needs a held-out set"),
         (["lora"], "expected section.key=value"),
+        (["quantization.enabled=false", "merge.base_weights=dequantized"],
+         "merge.base_weights=dequantized rounds the base to NF4, but this recipe trains on 16-bit weights"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, expected):

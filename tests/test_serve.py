@@ -121,11 +121,55 @@ def stub_merged(run: Path) -> None:
     """Enough of a merged model for the checks that run before vLLM (they read no weights)."""
     (run / "merged").mkdir()
     (run / "merged" / "config.json").write_text("{}")
+    shutil.copy(run / "adapter" / "chat_template.jinja", run / "merged" / "chat_template.jinja")
 
 
 def test_serving_a_run_without_merged_model_says_how_to_make_it(bare_run):
     result = run_cli("serve", str(bare_run), "--port", str(free_port()))
     assert_one_line_error(result, "has no merged model", f"qlora-app merge {bare_run}")
+
+
+def test_a_model_without_its_training_chat_template_is_refused_before_vllm_starts(bare_run):
+    stub_merged(bare_run)
+    (bare_run / "merged" / "chat_template.jinja").unlink()
+    result = run_cli("serve", str(bare_run), "--port", str(free_port()))
+    assert_one_line_error(result, f"the merged model of {bare_run} has no chat_template.jinja")
+    (bare_run / "adapter" / "chat_template.jinja").unlink()
+    result = run_cli("serve", "--base", "tiny", "--adapter", f"support={bare_run}", "--port", str(free_port()))
+    assert_one_line_error(result, "adapter 'support'", "has no chat_template.jinja")
+
+
+def test_serve_without_a_run_takes_the_latest_run_of_any_recipe(bare_run):
+    from qlora_app.run_dir import RunDir
+
+    RunDir(bare_run).mark_latest()
+    result = run_cli("serve", "--runs-dir", str(bare_run.parent.parent), "--port", str(free_port()))
+    assert f"using the latest run: {bare_run} (recipe tiny)" in result.stderr
+    assert_one_line_error(result, "has no merged model")  # the note is not an error line: on stderr before it
+
+
+def test_a_gpu_nvml_cannot_read_is_not_taken_for_no_gpu(bare_run, tmp_path, monkeypatch, capsys):
+    """On this machine NVML really is missing; with an NVIDIA device node present that means a broken GPU
+    setup, not a CPU machine: vLLM keeps its GPU settings and the user is warned once."""
+    from qlora_app import gpu
+    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.run_dir import RunDir
+    from qlora_app.serve.stage import preflight
+    from qlora_app.serve.target import merged_target
+
+    stub_merged(bare_run)
+    target = merged_target(RunDir(bare_run), load_recipe("tiny", ["serve.quantization=fp8"]))
+    assert gpu.query_gpu().status == "none"
+    assert "--enforce-eager" in preflight(target, "127.0.0.1", free_port(), False)
+    node = tmp_path / "nvidiactl"
+    node.write_text("")
+    monkeypatch.setattr(gpu, "DEVICE_NODE", node)
+    found = gpu.query_gpu()
+    assert found.status == "unqueryable" and found.present and "NVML failed" in found.reason
+    capsys.readouterr()
+    command = preflight(target, "127.0.0.1", free_port(), False)
+    assert "--enforce-eager" not in command and flag(command, "--quantization") == "fp8"
+    assert capsys.readouterr().err.count("a GPU is present but its memory cannot be read") == 1
 
 
 def test_busy_port_is_refused_before_vllm_starts(bare_run):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, assert_one_line_error, run_cli
 from qlora_app.run_dir import RunDir, checkpoint_step
-from test_train_resume import logged_steps, train_losses, wait_for
+from test_train_resume import train_losses, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,13 @@ pytestmark = pytest.mark.slow
 # batch and both runs visit the same sequences in the same updates.
 SETTINGS = ["--set", "train.max_steps=40", "--set", "train.batch_size=1", "--set", "train.grad_accum=2",
             "--set", "train.log_steps=1"]
+
+
+def logged_steps(root: Path) -> int:
+    """Steps logged so far by the one run under root (`latest` points to it only from its first checkpoint)."""
+    found = list(root.glob("tiny/*/metrics.jsonl"))
+    records = [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()] if found else []
+    return max((r["step"] for r in records), default=0)
 
 
 def train(root: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

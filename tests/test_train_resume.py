@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 from qlora_app.recipe_loader import load_recipe
 from qlora_app.run_dir import RunDir, checkpoint_step
 
@@ -104,6 +105,43 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
     result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--resume")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: nothing to resume: no run of recipe 'tiny' under {tmp_path}"]
+
+
+@pytest.fixture()
+def interrupted_copy(trained_run, tmp_path) -> RunDir:
+    """A copy of the session's run marked interrupted, its data a copy of the tiny data of its own."""
+    from qlora_app.atomic import write_json_atomic
+    from qlora_app.recipe_loader import dump_recipe, load_recipe
+
+    path = tmp_path / "tiny" / trained_run.path.name
+    shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
+    data = tmp_path / "capitals.jsonl"
+    shutil.copy(REPO / "data" / "tiny" / "capitals.jsonl", data)
+    run = RunDir(path)
+    recipe = run.recipe()
+    run.recipe_file.write_text(dump_recipe(recipe.with_section("data", source=str(data))))
+    write_json_atomic(run.manifest, {**run.read_manifest(), "status": "interrupted"})
+    return run
+
+
+def test_resuming_after_the_data_changed_is_refused_before_weights_load(interrupted_copy):
+    run = interrupted_copy
+    data = Path(run.recipe().data.source)
+    data.write_text(data.read_text().replace("Dateul", "Dateulo"))
+    before = run.metrics.read_text()
+    result = run_cli("train", "tiny", "--set", f"data.source={data}", "--resume", str(run.path))
+    assert_one_line_error(result, f"the data of {run.path} changed since it started", "start a new run")
+    assert run.metrics.read_text() == before and run.complete_checkpoints()
+
+
+def test_restarting_a_run_without_a_complete_checkpoint_drops_what_it_logged(interrupted_copy):
+    from qlora_app.train import resume_point
+
+    run = interrupted_copy
+    shutil.rmtree(run.checkpoints)
+    assert run.read_metrics()
+    assert resume_point(run) is None
+    assert run.read_metrics() == []  # the restart logs its steps afresh: no step twice
 
 
 @pytest.fixture

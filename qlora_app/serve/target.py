@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from qlora_app.errors import UserError
-from qlora_app.recipe import Recipe
+from qlora_app.recipe import ALL_LINEAR, Recipe, VllmLoraRank
 from qlora_app.run_dir import RunDir
 
-# What vLLM 0.32 applies LoRA to in Llama and Mistral models; an adapter on anything else would be loaded
-# without error and ignored for those modules (vLLM has served the bare base silently).
-VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The ranks vLLM's --max-lora-rank accepts.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# What vLLM 0.32 applies LoRA to in Llama and Mistral models (every linear projection); an adapter on anything
+# else would be loaded without error and ignored for those modules (vLLM has served the bare base silently).
+VLLM_LORA_MODULES = ALL_LINEAR
+VLLM_LORA_RANKS = get_args(VllmLoraRank)
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,18 @@ class ServeTarget:
 
 
 def merged_target(run: RunDir, recipe: Recipe) -> ServeTarget:
-    merged = run.path / "merged"
-    if not (merged / "config.json").is_file():
+    if not (run.merged / "config.json").is_file():
         raise UserError(f"{run.path} has no merged model: make it with: qlora-app merge {run.path} "
                         "(or serve the adapter with --base and --adapter)")
-    return ServeTarget(recipe, str(merged), recipe.name, merged)
+    check_chat_files(run.merged, f"the merged model of {run.path}")
+    return ServeTarget(recipe, str(run.merged), recipe.name, run.merged)
+
+
+def check_chat_files(folder: Path, what: str) -> None:
+    """The training chat template must come along: without it vLLM would format chats its own way (or fail)."""
+    if not (folder / "chat_template.jinja").is_file():
+        raise UserError(f"{what} has no chat_template.jinja (the template it was trained with): train or merge "
+                        "it again with this version of qlora-app")
 
 
 def adapter_target(base: Recipe, adapters: dict[str, RunDir]) -> ServeTarget:
@@ -93,6 +100,7 @@ def check_adapter(name: str, run: RunDir, base: Recipe) -> Adapter:
     if (trained.path, trained.revision) != (base.model.path, base.model.revision):
         raise UserError(f"adapter '{name}' was trained on {trained.path}@{trained.revision}, not on the base "
                         f"{base.model.path}@{base.model.revision}")
+    check_chat_files(run.adapter, f"adapter '{name}' ({run.path})")
     config = json.loads(config_path.read_text())
     problem = unsupported(config)
     if problem:
