@@ -56,8 +56,11 @@ APP_DEPS := $(if $(LOCAL),$(if $(filter .venv,$(VENV)),venv))
 RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),$(if $(RECIPE),--recipe $(RECIPE)))
 need_recipe = $(if $(RECIPE),,$(error make $@ needs RECIPE=<name>: `make recipes` lists them))
 SET_ARGS = $(foreach s,$(SET),--set $(s))
-# Training ranks: NPROC=N, else GPUS when given (GPUS=all or a count): one rank per GPU. Left alone, one GPU.
-TRAIN_GPUS = $(or $(NPROC),$(if $(filter command line environment,$(origin GPUS)),$(GPUS)))
+# Training ranks: NPROC=N, else GPUS when given as all or a count: one rank per GPU. Left alone (or a device
+# list such as GPUS=device=1), one rank.
+digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+gpu_count = $(if $(filter all,$(1)),all,$(if $(call digits,$(1)),,$(1)))
+TRAIN_GPUS = $(or $(NPROC),$(if $(filter command line environment,$(origin GPUS)),$(call gpu_count,$(GPUS))))
 GPUS_ARGS = $(if $(TRAIN_GPUS),--gpus $(TRAIN_GPUS))
 RESUME_ARGS = $(if $(RESUME),--resume $(if $(filter 1 yes true,$(RESUME)),,$(call in_app,$(RESUME))))
 SERVE_ARGS = $(if $(BASE),--base $(BASE) $(foreach a,$(ADAPTERS),--adapter $(call in_app,$(a))),$(RUN_ARGS))
