@@ -28,6 +28,7 @@ GPU_MEMORY ?= 24
 LOCAL ?=
 IMAGE ?= qlora-app:$(VERSION)
 GPUS ?= all
+NPROC ?=
 HF_HOME ?= $(HOME)/.cache/huggingface
 CACHE_DIR ?= $(CURDIR)/.cache/container
 DOCKER ?= docker
@@ -55,6 +56,12 @@ APP_DEPS := $(if $(LOCAL),$(if $(filter .venv,$(VENV)),venv))
 RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),$(if $(RECIPE),--recipe $(RECIPE)))
 need_recipe = $(if $(RECIPE),,$(error make $@ needs RECIPE=<name>: `make recipes` lists them))
 SET_ARGS = $(foreach s,$(SET),--set $(s))
+# Training ranks: NPROC=N, else GPUS when given as all or a count: one rank per GPU. Left alone (or a device
+# list such as GPUS=device=1), one rank.
+digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+gpu_count = $(if $(filter all,$(1)),all,$(if $(call digits,$(1)),,$(1)))
+TRAIN_GPUS = $(or $(NPROC),$(if $(filter command line environment,$(origin GPUS)),$(call gpu_count,$(GPUS))))
+GPUS_ARGS = $(if $(TRAIN_GPUS),--gpus $(TRAIN_GPUS))
 RESUME_ARGS = $(if $(RESUME),--resume $(if $(filter 1 yes true,$(RESUME)),,$(call in_app,$(RESUME))))
 SERVE_ARGS = $(if $(BASE),--base $(BASE) $(foreach a,$(ADAPTERS),--adapter $(call in_app,$(a))),$(RUN_ARGS))
 # Serving: vLLM listens on 0.0.0.0:8000 inside the container, published on BIND:PORT of the host. Published on a
@@ -75,7 +82,7 @@ help: ## List the targets and variables
 	@echo "Variables: RECIPE=<name> (train, plan, pipeline)  RUN=<run dir> (merge, serve; default: the latest run,"
 	@echo "  of RECIPE if given)  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
 	@echo "  BASE=RECIPE ADAPTERS=\"name=RUN_DIR ...\" (serve adapters)  PORT=$(PORT)  BIND=$(BIND)  GPU_MEMORY=$(GPU_MEMORY)"
-	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS)  HF_HOME=$(HF_HOME)"
+	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS) (given: train one rank per GPU)  NPROC=N (train ranks)  HF_HOME=$(HF_HOME)"
 	@echo "  LOCAL=1: run in .venv (CPU, built when needed) instead of the image; VENV=path: your own environment, as is"
 
 venv: $(VENV)/.installed ## Create the CPU virtual environment (.venv) from requirements/cpu.lock
@@ -118,10 +125,10 @@ plan: $(APP_DEPS) ## Plan the GPU memory of RECIPE on GPU_MEMORY GiB, QLoRA besi
 	$(call preflight)
 	$(call app) plan $(RECIPE) --gpu-memory $(GPU_MEMORY) --compare
 
-train: $(APP_DEPS) ## Train RECIPE into runs/RECIPE/<id> (SET="train.lr=1e-4 ..."; RESUME=1 continues the latest)
+train: $(APP_DEPS) ## Train RECIPE into runs/RECIPE/<id> (SET="k=v ..."; RESUME=1 continues; GPUS=all|N or NPROC=N: ranks)
 	$(need_recipe)
 	$(call preflight,gpu)
-	$(call app,gpu) train $(RECIPE) $(SET_ARGS) $(RESUME_ARGS)
+	$(call app,gpu) train $(RECIPE) $(SET_ARGS) $(RESUME_ARGS) $(GPUS_ARGS)
 
 merge: $(APP_DEPS) ## Merge the latest run (of RECIPE, or RUN) into a 16-bit model in RUN/merged
 	$(call preflight,gpu)

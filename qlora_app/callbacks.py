@@ -1,4 +1,6 @@
-"""Trainer callbacks: a progress bar, a metrics log, checkpoint completion markers, and a clean stop on signals."""
+"""Trainer callbacks: a progress bar, a metrics log, checkpoint completion markers, and a clean stop on signals.
+
+Under torchrun every rank runs them; rank 0 alone writes files."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 from qlora_app.console import err
+from qlora_app.distributed import barrier, max_over_ranks
 from qlora_app.run_dir import COMPLETE_MARKER, RunDir
 
 
@@ -59,6 +62,8 @@ class MetricsLog(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
         record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **(logs or {})}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -73,7 +78,8 @@ class CheckpointMarker(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = self.run.checkpoints / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
+        barrier()  # every rank has written its part (its RNG state) before the checkpoint counts as complete
+        if state.is_world_process_zero and checkpoint.is_dir():
             (checkpoint / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
             self.run.mark_latest()
 
@@ -101,6 +107,10 @@ class GracefulStop(TrainerCallback):
                   "(resume with --resume)[/]")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        # Ranks stop at the same step, whichever of them got the signal: one that stopped alone would leave
+        # the others waiting for it in the next all-reduce.
+        signum = max_over_ranks(self.received or 0)
+        if signum:
+            self.received = self.received or signum
             control.should_save = True
             control.should_training_stop = True

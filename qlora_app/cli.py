@@ -88,7 +88,9 @@ def show_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
 @overrides_option
 @gpu_option
 @click.option("--compare", is_flag=True, help="Also show plain LoRA on a 16-bit base beside QLoRA.")
-def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare: bool) -> None:
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plan each GPU of N training together (train.distributed: fsdp shards the model over them).")
+def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare: bool, gpus: int) -> None:
     """Estimate peak GPU memory of training RECIPE before anything loads.
 
     Counts the 4-bit base with its quantization constants, the 16-bit parts, LoRA weights, gradients and
@@ -99,7 +101,7 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare
     from qlora_app.plan_report import print_plan
     from qlora_app.recipe_loader import load_recipe
 
-    print_plan(load_recipe(recipe, overrides), gpu_memory, compare)
+    print_plan(load_recipe(recipe, overrides), gpu_memory, compare, gpus)
 
 
 @main.command("train")
@@ -107,8 +109,18 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare
 @overrides_option
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[RUN_DIR]",
               help="Continue the latest run of RECIPE (or RUN_DIR) from its newest complete checkpoint.")
+@click.option("--gpus", default="1", show_default=True, metavar="N|all",
+              help="Ranks on this machine, one per GPU (on CPU: N processes with gloo), started by torchrun. "
+                   "The recipe's sequences per optimizer update are kept: train.grad_accum is divided by the "
+                   "number of ranks.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Machines taking part; this one is node 0 and prints the command for the others.")
+@click.option("--master-addr", default=None, help="Address of node 0 as the other nodes reach it (--nodes > 1).")
+@click.option("--master-port", type=click.IntRange(1, 65535), default=29500, show_default=True,
+              help="Port on node 0 where the nodes meet (--nodes > 1).")
 @runs_dir_option
-def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, runs_dir: str | None) -> None:
+def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, gpus: str, nodes: int,
+              master_addr: str | None, master_port: int, runs_dir: str | None) -> None:
     """QLoRA-fine-tune RECIPE into runs/RECIPE/RUN_ID (adapter, tokenizer, metrics, manifest, loss curve).
 
     Data and recipe are validated before the model loads. Ctrl-C or SIGTERM saves a checkpoint and stops;
@@ -119,11 +131,13 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, runs_
     # Before torch touches the GPU: with expandable segments the allocator wastes about half as much
     # (docs/gpu-measurements.md), and the planner assumes it.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from qlora_app.distributed import Nodes
+    from qlora_app.launch import train_stage
     from qlora_app.recipe_loader import load_recipe
     from qlora_app.run_dir import runs_root
-    from qlora_app.train import train
 
-    train(load_recipe(recipe, overrides), runs_root(runs_dir), resume)
+    train_stage(load_recipe(recipe, overrides), runs_root(runs_dir), resume, gpus,
+                Nodes(nodes, 0, master_addr, master_port))
 
 
 @main.command("merge")

@@ -43,6 +43,9 @@ def quantization_config(recipe: Recipe) -> BitsAndBytesConfig | None:
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
         llm_int8_skip_modules=list(q.skip_modules),
+        # FSDP flattens and shards parameters of one dtype: 4-bit codes packed into compute-dtype containers shard
+        # like the 16-bit weights beside them (uint8 storage, the default, would not).
+        bnb_4bit_quant_storage=torch_dtype(q.compute_dtype if recipe.train.distributed == "fsdp" else "uint8"),
     )
 
 

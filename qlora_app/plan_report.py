@@ -22,9 +22,9 @@ def describe_method(recipe: Recipe) -> str:
     return f"QLoRA {q.quant_type.upper()}{'+DQ' if q.double_quant else ''}"
 
 
-def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False) -> planner.MemoryPlan:
+def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
     arch = load_architecture(recipe.model)
-    result = planner.plan(recipe, arch)
+    result = planner.plan(recipe, arch, ranks=gpus)
     budget = int(gpu_gib * GiB)
     t = recipe.train
     out.print(
@@ -33,33 +33,50 @@ def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False) -> planner
         f"batch {result.batch_size} x seq {result.seq_len}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}, {t.optimizer}"
     )
-    table = Table(title=f"Estimated peak GPU memory ({arch.total_params / 1e9:.2f}B-parameter base)")
+    on = f", per GPU of {gpus} ({recipe.train.distributed.upper()})" if gpus > 1 else ""
+    table = Table(title=f"Estimated peak GPU memory ({arch.total_params / 1e9:.2f}B-parameter base{on})")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     for label, value in result.rows():
         table.add_row(label, gib(value))
     table.add_row("[bold]total[/]", f"[bold]{gib(result.total)}[/]")
-    no_ckpt = planner.plan(recipe, arch, gradient_checkpointing=not t.gradient_checkpointing)
+    no_ckpt = planner.plan(recipe, arch, gradient_checkpointing=not t.gradient_checkpointing, ranks=gpus)
     table.caption = (
         f"with gradient checkpointing {'off' if t.gradient_checkpointing else 'on'}: "
         f"activations {gib(no_ckpt.activations)} GiB, total {gib(no_ckpt.total)} GiB"
     )
     out.print(table)
-    out.print(verdict(recipe, arch, result, budget, gpu_gib))
-    out.print(recommendation(recipe, arch, budget, gpu_gib))
+    out.print(verdict(recipe, arch, result, budget, gpu_gib, gpus))
+    out.print(gpus_verdict(recipe, arch, budget, gpu_gib))
+    if gpus == 1:
+        out.print(recommendation(recipe, arch, budget, gpu_gib))
     if compare:
         print_comparison(recipe, arch, budget, gpu_gib)
     return result
 
 
-def verdict(recipe: Recipe, arch: Architecture, result: planner.MemoryPlan, budget: int, gpu_gib: float) -> str:
-    batch = planner.largest_batch(recipe, arch, budget)
-    seq = planner.largest_seq_len(recipe, arch, budget)
+def verdict(recipe: Recipe, arch: Architecture, result: planner.MemoryPlan, budget: int, gpu_gib: float,
+            gpus: int = 1) -> str:
+    batch = planner.largest_batch(recipe, arch, budget, ranks=gpus)
+    seq = planner.largest_seq_len(recipe, arch, budget, ranks=gpus)
     limits = (f"largest batch at seq {result.seq_len}: {batch}; "
               f"largest seq at batch {result.batch_size}: {seq}")
     if result.total <= budget:
         return f"[bold green]fits[/] in {gpu_gib:g} GiB ({gib(budget - result.total)} GiB to spare); {limits}"
     return f"[bold red]does not fit[/] in {gpu_gib:g} GiB (over by {gib(result.total - budget)} GiB); {limits}"
+
+
+def gpus_verdict(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> str:
+    needed = planner.gpus_needed(recipe, arch, budget)
+    if recipe.train.distributed == "ddp":
+        return ("data parallel (train.distributed: ddp): every GPU holds the whole model, so more GPUs add speed, "
+                f"not room{'' if needed else '; to train it on several cards set train.distributed=fsdp'}")
+    if needed is None:
+        return f"FSDP: does not fit on any number of {gpu_gib:g} GiB GPUs (up to 64) at this batch and length"
+    accum = recipe.train.grad_accum
+    split = next((n for n in range(needed, accum + 1) if accum % n == 0), None)
+    return (f"FSDP: needs {needed} GPU{'s' if needed > 1 else ''} of {gpu_gib:g} GiB; with train.grad_accum={accum}: "
+            + (f"train --gpus {split}" if split else f"raise train.grad_accum to a multiple of {needed} first"))
 
 
 def recommendation(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> str:

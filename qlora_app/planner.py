@@ -14,6 +14,10 @@ Every term is counted in bytes from first principles, term by term, so that the 
   (which for a 128k vocabulary at batch 4 x 1024 would take about 6 GiB); what remains per token is a
   fraction of a vocabulary row, measured.
 - Overhead: CUDA context, cuBLAS workspace and the caching allocator's fragmentation.
+- Several GPUs (`ranks`): data parallel (ddp) changes nothing per GPU. FSDP (train.distributed: fsdp) shards
+  the 4-bit layers, the adapters, their gradients and the optimizer state over the ranks, and gathers one
+  layer at a time while it computes (plus the next, prefetched); embeddings, head and norms are counted whole
+  (the root unit holds them gathered), activations stay per rank.
 
 The totals are checked against peaks measured on an H100 with the train stage's own code path
 (docs/gpu-measurements.md).
@@ -64,8 +68,10 @@ class MemoryPlan:
     overhead: int
     trainer_overhead: int
     batch_size: int
+    ranks: int
     seq_len: int
     trainable_params: int
+    gathered: int = 0
 
     @property
     def base_weights(self) -> int:
@@ -79,7 +85,7 @@ class MemoryPlan:
     def step_total(self) -> int:
         """Peak of a bare training step (what bench/gpu_memory.py measures), without the Trainer's extras."""
         return (self.base_weights + self.lora_weights + self.lora_gradients + self.optimizer_state
-                + self.activations + self.logits + self.overhead)
+                + self.gathered + self.activations + self.logits + self.overhead)
 
     def rows(self) -> list[tuple[str, int]]:
         labels = {
@@ -88,16 +94,18 @@ class MemoryPlan:
             "lora_weights": "LoRA weights (fp32)",
             "lora_gradients": "LoRA gradients (fp32)",
             "optimizer_state": "optimizer state",
+            "gathered": "FSDP: a layer gathered, and the next prefetched",
             "activations": "activations",
             "logits": "output head and loss (tiled)",
             "overhead": "CUDA context, workspace, fragmentation",
             "trainer_overhead": "Trainer (evaluation, bookkeeping)",
         }
-        return [(label, getattr(self, key)) for key, label in labels.items()]
+        return [(label, getattr(self, key)) for key, label in labels.items() if key != "gathered" or self.gathered]
 
 
 def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, seq_len: int | None = None,
-         gradient_checkpointing: bool | None = None) -> MemoryPlan:
+         gradient_checkpointing: bool | None = None, ranks: int = 1) -> MemoryPlan:
+    """Peak memory of one GPU when `ranks` GPUs train the recipe together."""
     batch = batch_size or recipe.train.batch_size
     seq = seq_len or recipe.data.max_length
     checkpointing = recipe.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
@@ -108,17 +116,21 @@ def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, s
     logits = int(tokens * arch.vocab * HEAD_BYTES_PER_VOCAB)
     transient = 2 * max(i * o for i, o in arch.linear_shapes().values()) * 2 if recipe.quantization.enabled else 0
     overhead = CUDA_CONTEXT + transient + int(FRAGMENTATION * (activations + logits))
+    shards = ranks if recipe.train.distributed == "fsdp" else 1
+    gathered = 2 * (quantized + trainable * 4) // arch.layers if shards > 1 else 0
     return MemoryPlan(
-        base_quantized=quantized,
+        base_quantized=quantized // shards,
         base_16bit=sixteen,
-        lora_weights=trainable * 4,
-        lora_gradients=trainable * 4,
-        optimizer_state=trainable * OPTIMIZER_STATE_BYTES[recipe.train.optimizer],
+        lora_weights=trainable * 4 // shards,
+        lora_gradients=trainable * 4 // shards,
+        optimizer_state=trainable * OPTIMIZER_STATE_BYTES[recipe.train.optimizer] // shards,
+        gathered=gathered,
         activations=activations,
         logits=logits,
         overhead=overhead,
         trainer_overhead=TRAINER_OVERHEAD,
         batch_size=batch,
+        ranks=ranks,
         seq_len=seq,
         trainable_params=trainable,
     )
@@ -170,18 +182,19 @@ def layer_activation_bytes_per_token(recipe: Recipe, arch: Architecture) -> int:
     return norms + attention + mlp + lora
 
 
-def largest_batch(recipe: Recipe, arch: Architecture, budget: int, seq_len: int | None = None) -> int:
+def largest_batch(recipe: Recipe, arch: Architecture, budget: int, seq_len: int | None = None,
+                  ranks: int = 1) -> int:
     """Largest micro-batch whose plan fits in `budget` bytes (0 when not even one sequence fits)."""
-    one = plan(recipe, arch, batch_size=1, seq_len=seq_len)
-    two = plan(recipe, arch, batch_size=2, seq_len=seq_len)
+    one = plan(recipe, arch, batch_size=1, seq_len=seq_len, ranks=ranks)
+    two = plan(recipe, arch, batch_size=2, seq_len=seq_len, ranks=ranks)
     per_sample = two.total - one.total
     return max(0, (budget - (one.total - per_sample)) // per_sample)
 
 
-def largest_seq_len(recipe: Recipe, arch: Architecture, budget: int, multiple: int = 64) -> int:
+def largest_seq_len(recipe: Recipe, arch: Architecture, budget: int, multiple: int = 64, ranks: int = 1) -> int:
     """Largest sequence length (a multiple of 64) that fits at the recipe's batch size."""
-    a = plan(recipe, arch, seq_len=multiple)
-    b = plan(recipe, arch, seq_len=2 * multiple)
+    a = plan(recipe, arch, seq_len=multiple, ranks=ranks)
+    b = plan(recipe, arch, seq_len=2 * multiple, ranks=ranks)
     per_step = b.total - a.total
     steps = (budget - (a.total - per_step)) // per_step
     return int(max(0, steps) * multiple)
@@ -207,6 +220,13 @@ def fastest_layout(recipe: Recipe, arch: Architecture, budget: int, rows_per_ste
         batch, checkpointing = largest_batch(with_ckpt, arch, budget), True
     batch = max([d for d in range(1, rows + 1) if rows % d == 0 and d <= batch] or [1])
     return Layout(batch, rows // batch, checkpointing)
+
+
+def gpus_needed(recipe: Recipe, arch: Architecture, budget: int, most: int = 64) -> int | None:
+    """The fewest GPUs of `budget` bytes each that train the recipe (None: not even `most`; ddp: 1 or None,
+    since every GPU holds everything)."""
+    counts = range(1, most + 1) if recipe.train.distributed == "fsdp" else [1]
+    return next((n for n in counts if plan(recipe, arch, ranks=n).total <= budget), None)
 
 
 def as_lora(recipe: Recipe) -> Recipe:

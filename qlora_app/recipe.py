@@ -105,6 +105,10 @@ class TrainSpec(Section):
     save_steps: int = Field(50, ge=1)
     save_total_limit: int = Field(3, ge=1)
     report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ("tensorboard",)
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With --gpus N: ddp keeps the whole 4-bit base on every GPU and all-reduces the LoRA "
+                           "gradients; fsdp shards the base, the adapters and the optimizer over the GPUs (a model "
+                           "larger than one card). One GPU ignores it.")
 
     @property
     def effective_batch(self) -> int:
@@ -140,6 +144,12 @@ class ServeSpec(Section):
     max_lora_rank: VllmLoraRank | None = Field(
         None, description="The server's max LoRA rank; default: the smallest that holds every adapter.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Model id -> run directory.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one server splits every layer over (vLLM --tensor-parallel-size): for a model "
+                             "larger than one card.")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Replicas of the model inside one server, each on its own tensor_parallel_size GPUs "
+                             "(vLLM --data-parallel-size).")
 
 
 class Recipe(Section):

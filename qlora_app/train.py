@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_app import console
+from qlora_app import console, distributed
 from qlora_app.data import Records, load_splits
 from qlora_app.encoding import Encoded, encode, load_tokenizer
 from qlora_app.errors import UserError
@@ -50,9 +50,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     return PreparedData(train, held_out, train_records, eval_records)
 
 
-def find_resumable(recipe: Recipe, root: Path, resume: str) -> RunDir:
+def find_resumable(recipe: Recipe, root: Path, resume: str, ranks: int = 1) -> RunDir:
     """The run to continue: the latest of the recipe, or the one named; it must not have finished and must have
-    been started with the same training settings."""
+    been started with the same training settings on as many ranks."""
     run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
     if run is None or not run.recipe_file.is_file():
         raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
@@ -61,6 +61,7 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> RunDir:
     if run.recipe().training_fields() != recipe.training_fields():
         raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
                         "or start a new run")
+    check_same_ranks(run, ranks)
     return run
 
 
@@ -98,26 +99,49 @@ def check_report_to(recipe: Recipe) -> None:
                             f"pip install {name}, or drop it with --set 'train.report_to=[tensorboard]'")
 
 
+def check_same_ranks(run: RunDir, ranks: int) -> None:
+    before = run.read_manifest().get("ranks", 1)
+    if before != ranks:
+        raise UserError(f"run {run.path} was trained on {before} rank(s): resume it with --gpus {before}; its "
+                        f"checkpoints hold one random state per rank, so {ranks} rank(s) would not continue "
+                        "exactly the same run (start a new run to use another number of GPUs)")
+
+
 def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     started = time.time()
+    run, checkpoint, data, tokenizer = prepare_run(recipe, root, resume)
+    return train_in(recipe, run, checkpoint, data, tokenizer, started)
+
+
+def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
+    """Everything checked before weights load; the run directory, created once the data is known to be good."""
     check_report_to(recipe)
-    run = find_resumable(recipe, root, resume) if resume else None
+    run = find_resumable(recipe, root, resume, ranks) if resume else None
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     if run is not None:
         check_same_data(run, data)
     checkpoint = resume_point(run) if run is not None else None
     print_data_summary(recipe, data)
-    free_gpu = query_gpu().free_bytes  # before our own weights take any
     run = run or RunDir.create(recipe, root)  # only once the data is known to be good
     console.note(f"run directory: {run.path}")
+    return run, checkpoint, data, tokenizer
+
+
+def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: PreparedData, tokenizer,
+             started: float) -> RunDir:
+    """Train into an existing run directory. Under torchrun every rank runs this; rank 0 alone writes."""
+    main, ranks = distributed.is_main(), distributed.world_size()
+    free_gpu = query_gpu().free_bytes  # before our own weights take any
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
-    manifest["status"] = "running"
-    write_json_atomic(run.manifest, manifest)
+    manifest.update(status="running", ranks=ranks)
+    if main:
+        write_json_atomic(run.manifest, manifest)
 
     trainer, stopper = build_trainer(recipe, run, data, tokenizer)
-    if checkpoint is None:
-        manifest["losses"]["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+    # The base's held-out loss, measured by train() itself: an evaluate() before train() would leave accelerate
+    # believing the model prepared, and it would then not wrap it in DDP (ranks would never sync gradients).
+    trainer.args.eval_on_start = checkpoint is None
     import torch
 
     stopper.install()
@@ -132,20 +156,27 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
         raise
     finally:
         stopper.uninstall()
+    if checkpoint is None:
+        manifest["losses"]["base_eval_loss"] = next((h["eval_loss"] for h in trainer.state.log_history
+                                                      if "eval_loss" in h), None)
     if stopper.received is not None:
         manifest["status"] = "interrupted"
-        write_json_atomic(run.manifest, manifest)
+        if main:
+            write_json_atomic(run.manifest, manifest)
+        distributed.barrier()  # no rank leaves (and gets its peers killed) before rank 0 has written
         last = run.complete_checkpoints()
+        again = f"qlora-app train {recipe.name} --resume" + (f" --gpus {ranks}" if ranks > 1 else "")
         raise TrainingInterrupted(
             f"training stopped by {signal.Signals(stopper.received).name} at step "
             f"{trainer.state.global_step}; {last[-1].name if last else 'no checkpoint'} saved in {run.checkpoints}; "
-            f"continue with: qlora-app train {recipe.name} --resume", stopper.received)
+            f"continue with: {again}", stopper.received)
 
     from qlora_app import train_outputs
 
     final_eval = trainer.evaluate()["eval_loss"]
-    train_outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
-    train_outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
+    if main:
+        train_outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
+        train_outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
     return run
 
 
@@ -162,6 +193,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
+    args = sft_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
     set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
     model = load_base(recipe)
     prepare_for_training(model, recipe)
@@ -169,7 +201,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     stopper = GracefulStop()
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(recipe, run),
+        args=args,
         train_dataset=data.train.to_dataset(),
         eval_dataset=data.eval.to_dataset(),
         processing_class=tokenizer,
@@ -182,7 +214,8 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
         if param.requires_grad:
             param.data = param.data.float()
     trainer.remove_callback(PrinterCallback)  # the progress bar and metrics.jsonl show what it would print
-    trainer.add_callback(ProgressBar(tokens_per_step(trainer, recipe)))
+    if distributed.is_main():
+        trainer.add_callback(ProgressBar(tokens_per_step(trainer, recipe)))
     return trainer, stopper
 
 
@@ -204,7 +237,7 @@ def sft_config(recipe: Recipe, run: RunDir):
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=distributed.per_rank_grad_accum(t.grad_accum, distributed.world_size()),
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
@@ -214,6 +247,7 @@ def sft_config(recipe: Recipe, run: RunDir):
         bf16=compute == "bfloat16",
         fp16=compute == "float16" and cuda,
         gradient_checkpointing=False,  # prepare_for_training already set it up as the recipe says
+        ddp_find_unused_parameters=False,  # every adapter takes part in every forward pass
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.log_steps,
@@ -234,6 +268,7 @@ def sft_config(recipe: Recipe, run: RunDir):
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not cuda,
+        **distributed.fsdp_args(recipe),
     )
 
 

@@ -150,6 +150,21 @@ def test_targets_that_start_from_a_recipe_need_one(target):
     assert result.returncode != 0 and f"make {target} needs RECIPE=<name>" in result.stderr
 
 
+def test_train_ranks_follow_nproc_or_the_gpus_given():
+    assert "--gpus" not in app_args(docker_run("train", "RECIPE=tiny"))  # default GPUS=all: the container's only
+    words = docker_run("train", "RECIPE=tiny", "GPUS=all")
+    assert option(words, "--gpus") == ["all", "all"]  # docker's, then qlora-app's
+    words = docker_run("train", "RECIPE=tiny", "GPUS=2")
+    assert option(words, "--gpus") == ["2", "2"]
+    words = docker_run("train", "RECIPE=tiny", "NPROC=4", "RESUME=1")
+    assert option(words, "--gpus") == ["all", "4"] and app_args(words)[-3:] == ["--resume", "--gpus", "4"]
+    assert local_app("train", "RECIPE=tiny", "NPROC=2")[-2:] == ["--gpus", "2"]
+
+
+def test_serve_hands_the_gpus_given_to_the_container():
+    assert option(docker_run("serve", "GPUS=2"), "--gpus") == ["2"]
+
+
 def test_merge_takes_the_latest_run_of_the_recipe_or_run():
     assert app_args(docker_run("merge")) == ["merge"]  # the CLI takes the latest run of any recipe
     assert app_args(docker_run("merge", "RECIPE=llama3-8b")) == ["merge", "--recipe", "llama3-8b"]

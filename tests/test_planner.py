@@ -10,6 +10,8 @@ from qlora_app import planner
 from qlora_app.architecture import Architecture
 from qlora_app.recipe_loader import load_recipe
 
+GiB = planner.GiB
+
 # Llama shapes small enough to quantize on CPU, from embedding-heavy to projection-heavy, MHA and GQA.
 SHAPES = {
     "gqa-wide": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=3, num_attention_heads=16,
@@ -184,3 +186,33 @@ def test_fastest_layout_keeps_tokens_per_update_and_fits():
                                       budget).gradient_checkpointing
     llama3 = load_recipe("llama3-8b")
     assert planner.fastest_layout(llama3, load_architecture(llama3.model), budget).gradient_checkpointing
+
+
+def test_fsdp_shards_weights_lora_and_optimizer_per_gpu_and_counts_the_cards():
+    from qlora_app.architecture import load_architecture
+
+    recipe = load_recipe("llama3-70b")
+    arch = load_architecture(recipe.model)
+    assert (arch.layers, arch.hidden, arch.kv_heads, arch.vocab) == (80, 8192, 8, 128256)
+    assert 69e9 < arch.total_params < 72e9
+    one, four = planner.plan(recipe, arch), planner.plan(recipe, arch, ranks=4)
+    assert 36 * GiB < one.base_weights < 38 * GiB  # 4-bit layers plus 16-bit embeddings and head: "~37 GiB"
+    assert four.base_quantized == one.base_quantized // 4 and four.optimizer_state == one.optimizer_state // 4
+    assert four.lora_weights == one.lora_weights // 4 and four.lora_gradients == one.lora_gradients // 4
+    assert four.activations == one.activations and four.base_16bit == one.base_16bit  # per rank / kept whole
+    assert four.gathered == 2 * (one.base_quantized + one.trainable_params * 4) // arch.layers
+    needed = planner.gpus_needed(recipe, arch, 24 * GiB)
+    assert planner.plan(recipe, arch, ranks=needed).total <= 24 * GiB < planner.plan(recipe, arch, ranks=needed - 1).total
+    ddp = recipe.with_section("train", distributed="ddp")
+    assert planner.plan(ddp, arch, ranks=4).total == planner.plan(ddp, arch).total  # every GPU holds everything
+    assert planner.gpus_needed(ddp, arch, 24 * GiB) is None
+
+
+def test_plan_with_gpus_prints_the_per_gpu_peak_and_the_cards_needed():
+    from conftest import run_cli
+
+    result = run_cli("plan", "llama3-70b", "--gpus", "4", "--gpu-memory", "24")
+    assert result.returncode == 0, result.stderr
+    assert "per GPU of 4 (FSDP)" in result.stdout and "FSDP: a layer gathered" in result.stdout
+    assert "fits in 24 GiB" in result.stdout
+    assert "FSDP: needs 3 GPUs of 24 GiB; with train.grad_accum=16: train --gpus 4" in result.stdout

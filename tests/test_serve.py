@@ -311,3 +311,28 @@ def test_middleware_refuses_to_start_without_a_key(monkeypatch):
     monkeypatch.delenv("QLORA_API_KEY", raising=False)
     with pytest.raises(RuntimeError, match="QLORA_API_KEY is empty"):
         RequireApiKey(app=None)
+
+
+def test_tensor_and_data_parallel_sizes_reach_vllm_only_when_set():
+    cmd = vllm_command(merged(), Listen("127.0.0.1", 8000, False), cuda=True)
+    assert "--tensor-parallel-size" not in cmd and "--data-parallel-size" not in cmd
+    target = merged("llama3-70b", tensor_parallel_size=4, data_parallel_size=2)
+    cmd = vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=True)
+    assert flag(cmd, "--tensor-parallel-size") == "4" and flag(cmd, "--data-parallel-size") == "2"
+
+
+def test_memory_check_splits_weights_and_kv_over_tensor_parallel_gpus():
+    from qlora_app.architecture import load_architecture
+    from qlora_app.serve.checks import check_fits, serve_weight_bytes
+
+    GiB = 1024**3
+    one = merged("llama3-70b", tensor_parallel_size=1)
+    arch = load_architecture(one.recipe.model)
+    weights = serve_weight_bytes(one, arch, cuda=True)
+    assert 130 * GiB < weights < 133 * GiB  # 70.6B parameters in bf16
+    with pytest.raises(UserError, match="split the model over more GPUs"):
+        check_fits(one, arch, 80 * GiB, weights)
+    check_fits(merged("llama3-70b", tensor_parallel_size=2), arch, 80 * GiB, weights)  # 66 GiB each + KV
+    with pytest.raises(UserError, match=r"1/4 of them on each GPU"):
+        check_fits(merged("llama3-70b", tensor_parallel_size=4), arch, 24 * GiB, weights)  # 33 GiB each
+    check_fits(merged("llama3-70b", tensor_parallel_size=8), arch, 24 * GiB, weights)

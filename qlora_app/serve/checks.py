@@ -71,13 +71,16 @@ def kv_bytes_per_token(arch: Architecture) -> int:
 
 
 def check_fits(target: ServeTarget, arch: Architecture, device_bytes: int, weight_bytes: int) -> None:
-    """The server must hold the weights and the KV cache of at least one full-length sequence."""
-    util = target.recipe.serve.gpu_memory_utilization
+    """Each GPU must hold its share of the weights and of the KV cache of one full-length sequence: tensor
+    parallelism splits both over tensor_parallel_size GPUs (KV heads no further than there are heads)."""
+    util, tp = target.recipe.serve.gpu_memory_utilization, target.recipe.serve.tensor_parallel_size
+    weight_bytes = weight_bytes // tp
     budget = device_bytes * util - weight_bytes - CUDA_CONTEXT - SERVER_OVERHEAD
-    need = kv_bytes_per_token(arch) * target.recipe.max_model_len
+    need = kv_bytes_per_token(arch) // min(tp, arch.kv_heads) * target.recipe.max_model_len
     if budget < need:
         raise UserError(
             f"serve.max_model_len={target.recipe.max_model_len} does not fit: its KV cache needs "
             f"{need / GiB:.2f} GiB but only {max(budget, 0) / GiB:.2f} GiB of {device_bytes / GiB:.0f} GiB x "
-            f"gpu_memory_utilization {util} is left beside {weight_bytes / GiB:.1f} GiB of weights: lower "
-            "serve.max_model_len, or raise serve.gpu_memory_utilization")
+            f"gpu_memory_utilization {util} is left beside {weight_bytes / GiB:.1f} GiB of weights"
+            f"{f' (1/{tp} of them on each GPU)' if tp > 1 else ''}: lower serve.max_model_len, raise "
+            "serve.gpu_memory_utilization, or split the model over more GPUs (serve.tensor_parallel_size)")

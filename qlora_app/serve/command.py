@@ -35,6 +35,10 @@ def vllm_command(target: ServeTarget, listen: Listen, cuda: bool, python: str = 
         cmd += ["--revision", target.revision]
     if cuda and serve.quantization != "none":
         cmd += ["--quantization", serve.quantization]
+    if serve.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(serve.tensor_parallel_size)]
+    if serve.data_parallel_size > 1:
+        cmd += ["--data-parallel-size", str(serve.data_parallel_size)]
     if target.adapters:
         cmd += adapter_flags(target)
     if model.trust_remote_code:

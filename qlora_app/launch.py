@@ -1,0 +1,108 @@
+"""`train --gpus N`: check once, create the run directory once, then start N ranks with torchrun.
+
+The launcher runs torchrun's agent in this process (torch.distributed.run, from the argument list that
+qlora_app.distributed builds), so a failure comes back as torch's ChildFailedError and is reported as the
+failing rank's one line, and a SIGTERM/SIGINT reaches every rank exactly once (the agent forwards it; the
+ranks are in sessions of their own, so a terminal's Ctrl-C does not reach them twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from qlora_app import console
+from qlora_app.distributed import Nodes, per_rank_grad_accum, torchrun_args, torchrun_command
+from qlora_app.errors import UserError
+from qlora_app.recipe import Recipe
+from qlora_app.run_dir import RunDir
+
+
+class RankFailed(UserError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes: Nodes) -> RunDir:
+    """One GPU (the default): train in this process. More: through torchrun."""
+    count = gpu_count(gpus)
+    if count == 1 and nodes.count == 1:
+        from qlora_app.train import train
+
+        return train(recipe, root, resume)
+    return train_on_gpus(recipe, root, resume, count, nodes)
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_count(gpus: str) -> int:
+    if gpus == "all":
+        import torch
+
+        if not cuda_present():
+            raise UserError("--gpus all: no CUDA device is visible here; give a number instead (on CPU, that "
+                            "many processes train with gloo)")
+        return torch.cuda.device_count()
+    if not gpus.isdigit() or int(gpus) < 1:
+        raise UserError(f"--gpus {gpus}: give a number of GPUs (1 or more) or 'all'")
+    return int(gpus)
+
+
+def train_on_gpus(recipe: Recipe, root: Path, resume: str | None, gpus: int, nodes: Nodes) -> RunDir:
+    from qlora_app.train import prepare_run
+
+    ranks = gpus * nodes.count
+    per_rank = per_rank_grad_accum(recipe.train.grad_accum, ranks)
+    run, checkpoint, _, _ = prepare_run(recipe, root, resume, ranks)
+    console.note(f"{ranks} ranks: train.grad_accum {recipe.train.grad_accum} -> {per_rank} per rank, "
+                 f"{recipe.train.batch_size} sequences per rank and micro-batch: "
+                 f"{recipe.train.batch_size * recipe.train.grad_accum} per optimizer update, as on one GPU")
+    if recipe.train.distributed == "fsdp" and not cuda_present():
+        console.warn("train.distributed=fsdp shards across GPUs only (accelerate has no FSDP for CPU ranks): "
+                     "these CPU ranks train data parallel, each holding the whole model")
+    rank_args = [str(run.path)] + ([str(checkpoint)] if checkpoint else [])
+    log_dir = str(run.path / "logs")
+    for node in range(1, nodes.count):
+        other = Nodes(nodes.count, node, nodes.addr, nodes.port)
+        console.note(f"start node {node} with: {' '.join(torchrun_command(gpus, other, rank_args, log_dir))}")
+    run_ranks(torchrun_args(gpus, nodes, rank_args, log_dir), run)
+    return run
+
+
+def run_ranks(args: list[str], run: RunDir) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    for name in list(logging.Logger.manager.loggerDict):  # each sets its own level: the ranks' lines say it all
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
+    try:
+        torchrun(parse_args(args))
+    except ChildFailedError as exc:
+        raise first_error(run, {rank: f.exitcode for rank, f in exc.failures.items()}) from None
+    except SignalException:
+        raise first_error(run, {}) from None
+
+
+def first_error(run: RunDir, exit_codes: dict[int, int]) -> RankFailed:
+    """The error of the rank that failed first (the others fail because it did), else what torch saw."""
+    found = []
+    for path in (run.path / "logs").glob("rank-*.error"):
+        stamp, code = path.read_text().splitlines()[0].split()
+        found.append((int(stamp), int(code), int(path.stem.split("-")[1]), path.read_text().splitlines()[1]))
+    if found:
+        _, code, rank, message = min(found)
+        interrupted = code in (130, 143)
+        return RankFailed(message if interrupted else f"rank {rank}: {message} (log: {run.path / 'logs'})", code)
+    rank, code = min(exit_codes.items()) if exit_codes else (0, 1)
+    return RankFailed(f"rank {rank} ended with exit code {code} before it could say why; its output is in "
+                      f"{run.path / 'logs'}", 1)

@@ -1,0 +1,58 @@
+"""One rank of a multi-GPU training run, as torchrun starts it: python -m qlora_app.train_rank RUN_DIR [CHECKPOINT].
+
+The launching process (qlora_app.launch) has already checked the recipe and data and created RUN_DIR; each
+rank reads the resolved recipe back from it. A rank never prints a traceback: it leaves its one-line error
+(and the traceback) in RUN_DIR/logs/rank-N.error for the launcher to report, and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from qlora_app import console, distributed
+from qlora_app.errors import UserError
+from qlora_app.run_dir import RunDir
+
+
+def error_file(run: RunDir, rank: int) -> Path:
+    return run.path / "logs" / f"rank-{rank}.error"
+
+
+def record_error(run: RunDir, exc: BaseException) -> int:
+    """Write '<ns> <exit code>', the one-line message and the traceback; return the exit code."""
+    if isinstance(exc, UserError):
+        code, message = exc.exit_code, str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        code, message = 130, "interrupted"
+    else:
+        code, message = 1, " ".join(f"{type(exc).__name__}: {exc}".split())
+    path = error_file(run, distributed.rank())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{time.time_ns()} {code}\n{message}\n{traceback.format_exc()}")
+    return code
+
+
+def main(argv: list[str]) -> int:
+    from qlora_app.encoding import load_tokenizer
+    from qlora_app.train import prepare_data, train_in
+
+    run = RunDir(Path(argv[0]))
+    checkpoint = Path(argv[1]) if len(argv) > 1 else None
+    if not distributed.is_main():
+        console.out.quiet = console.err.quiet = True
+    started = time.time()
+    try:
+        distributed.bind_device()
+        recipe = run.recipe()
+        tokenizer = load_tokenizer(recipe)
+        train_in(recipe, run, checkpoint, prepare_data(recipe, tokenizer), tokenizer, started)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line for the launcher
+        return record_error(run, exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,81 @@
+"""The launch command line and the per-rank batch: pure functions, checked against torchrun's own parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_app.distributed import GRACE_SECONDS, RANK_MODULE, Nodes, per_rank_grad_accum, torchrun_args, torchrun_command
+from qlora_app.errors import UserError
+
+
+def parsed(args: list[str]):
+    from torch.distributed.run import parse_args
+
+    return parse_args(args)
+
+
+def test_one_node_is_standalone_and_quiet_below_rank_0():
+    args = torchrun_args(4, Nodes(), ["/runs/tiny/x", "/runs/tiny/x/checkpoints/checkpoint-6"], "/runs/tiny/x/logs")
+    ns = parsed(args)
+    assert ns.standalone and ns.nnodes == "1" and ns.nproc_per_node == "4"
+    assert ns.module and ns.training_script == RANK_MODULE
+    assert ns.training_script_args == ["/runs/tiny/x", "/runs/tiny/x/checkpoints/checkpoint-6"]
+    assert ns.redirects == "1:3,2:3,3:3" and ns.log_dir == "/runs/tiny/x/logs"  # local rank 0 keeps the terminal
+    assert ns.max_restarts == 0 and ns.shutdown_timeout == GRACE_SECONDS
+
+
+def test_one_rank_redirects_nothing():
+    ns = parsed(torchrun_args(1, Nodes(), ["/r"], "/r/logs"))
+    assert ns.redirects == "0" and ns.nproc_per_node == "1"
+
+
+def test_several_nodes_meet_at_node_0():
+    nodes = Nodes(count=2, rank=1, addr="10.0.0.5", port=29600)
+    ns = parsed(torchrun_args(8, nodes, ["/shared/runs/r"], "/shared/runs/r/logs"))
+    assert not ns.standalone
+    assert (ns.nnodes, ns.node_rank, ns.master_addr, ns.master_port) == ("2", 1, "10.0.0.5", 29600)
+    command = torchrun_command(8, nodes, ["/shared/runs/r"], "/shared/runs/r/logs", python="python")
+    assert command[:3] == ["python", "-m", "torch.distributed.run"]
+    assert "--node-rank 1 --master-addr 10.0.0.5 --master-port 29600" in " ".join(command)
+
+
+def test_several_nodes_need_an_address():
+    with pytest.raises(UserError, match="--master-addr"):
+        torchrun_args(8, Nodes(count=2), ["/r"], "/r/logs")
+
+
+@pytest.mark.parametrize(("grad_accum", "ranks", "per_rank"), [(4, 1, 4), (4, 2, 2), (4, 4, 1), (8, 4, 2)])
+def test_grad_accum_is_divided_to_keep_the_update(grad_accum, ranks, per_rank):
+    assert per_rank_grad_accum(grad_accum, ranks) == per_rank
+
+
+def test_grad_accum_that_cannot_be_split_is_refused():
+    with pytest.raises(UserError, match=r"train.grad_accum=4 cannot be split over 3 ranks"):
+        per_rank_grad_accum(4, 3)
+
+
+def test_train_refuses_a_batch_it_cannot_keep_before_anything_loads(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "2")  # tiny: grad_accum 1
+    assert_one_line_error(result, "train.grad_accum=1 cannot be split over 2 ranks")
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
+    import torch
+
+    from qlora_app.distributed import fsdp_args
+    from qlora_app.model_loading import quantization_config
+    from qlora_app.recipe_loader import load_recipe
+
+    recipe = load_recipe("llama3-70b")
+    assert recipe.train.distributed == "fsdp"
+    assert quantization_config(recipe).bnb_4bit_quant_storage == torch.bfloat16  # shards like the bf16 weights
+    assert quantization_config(load_recipe("llama3-8b")).bnb_4bit_quant_storage == torch.uint8  # ddp: as before
+    assert fsdp_args(recipe) == {}  # one process: nothing to shard
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = fsdp_args(recipe)
+    assert args["fsdp"] is True
+    assert args["fsdp_config"] == {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}
+    assert fsdp_args(load_recipe("llama3-8b")) == {}  # ddp
