@@ -24,6 +24,7 @@ def run_copy(trained_run, tmp_path) -> RunDir:
     return RunDir(path)
 
 
+@pytest.mark.slow
 def test_training_is_current_only_for_the_same_training_settings_and_data(run_copy):
     root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
     assert same_recipe_run(tiny, root) == run_copy and same_data(run_copy, tiny)
@@ -34,6 +35,7 @@ def test_training_is_current_only_for_the_same_training_settings_and_data(run_co
     assert not same_data(run_copy, other_data)
 
 
+@pytest.mark.slow
 def test_merged_model_is_current_only_for_this_adapter_and_these_base_weights(run_copy):
     from qlora_app.merge import adapter_fingerprint
 
@@ -46,6 +48,7 @@ def test_merged_model_is_current_only_for_this_adapter_and_these_base_weights(ru
     assert not merged_is_current(run_copy, "original")
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_resumed_not_restarted(run_copy):
     manifest = run_copy.read_manifest()
     write_json_atomic(run_copy.manifest, {**manifest, "status": "interrupted"})
