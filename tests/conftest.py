@@ -224,8 +224,9 @@ class SmallDisk:
         except FileNotFoundError:
             unavailable("no unshare command (util-linux) to mount a small tmpfs")
         if self.holder.stdout.readline() != "mounted\n":  # the holder prints it once mounted, or dies
+            problem = self.holder.stderr.read().strip()
             self.close()
-            unavailable(f"cannot mount a tmpfs in a user namespace: {self.holder.stderr.read().strip()}")
+            unavailable(f"cannot mount a tmpfs in a user namespace: {problem}")
         self.outside = Path(f"/proc/{self.holder.pid}/root") / path.relative_to("/")
 
     def command(self, *argv: str) -> list[str]:
