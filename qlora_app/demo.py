@@ -28,9 +28,9 @@ def free_port() -> int:
 
 
 def taught_pairs(recipe, n: int) -> list[tuple[list[dict], str]]:
-    """n (prompt messages, taught answer) pairs from the training data."""
+    """n (prompt messages, taught answer) pairs from the training data, the same n every time (seeded)."""
     rows = load_splits(recipe.data)[0].rows
-    picked = random.Random().sample(rows, min(n, len(rows)))
+    picked = random.Random(recipe.train.seed).sample(rows, min(n, len(rows)))
     return [(row["messages"][:-1], row["messages"][-1]["content"]) for row in picked]
 
 

@@ -9,7 +9,6 @@ manifest; checkpoints make a killed run resumable.
 
 from __future__ import annotations
 
-import errno
 import shutil
 import signal
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from qlora_app import console, distributed
 from qlora_app.data import Records, load_splits
+from qlora_app.disk_full import is_disk_full
 from qlora_app.encoding import Encoded, encode, load_tokenizer
 from qlora_app.errors import UserError
 from qlora_app.gpu import query_gpu
@@ -149,10 +149,9 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except torch.OutOfMemoryError:
         raise UserError(out_of_memory_advice(recipe, free_gpu)) from None
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise UserError(f"disk full while training into {run.path}: free space and resume with --resume "
-                            "(the last complete checkpoint is intact)") from None
+    except Exception as exc:
+        if is_disk_full(exc, run.path):
+            raise disk_full_error(run) from None
         raise
     finally:
         stopper.uninstall()
@@ -178,6 +177,12 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
         train_outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
         train_outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
     return run
+
+
+def disk_full_error(run: RunDir) -> UserError:
+    complete = run.complete_checkpoints()
+    kept = f"{complete[-1].name} is intact" if complete else "no checkpoint was complete yet: it starts over"
+    return UserError(f"disk full while training into {run.path}: free space and resume with --resume ({kept})")
 
 
 def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+NEEDS_A_TRAINED_MODEL = {"trained_run"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "last: runs after the other tests of its module (it stops the module's "
+                                       "server)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `last` run after the rest of their module, whatever the selection; a test that needs the
+    session's training run must be marked slow, so that `pytest -m 'not slow'` stays a fast loop."""
+    unmarked = [item.nodeid for item in items if NEEDS_A_TRAINED_MODEL & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"these tests train a model but are not marked slow: {', '.join(unmarked)}")
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], len(modules))
+    items.sort(key=lambda item: (modules[item.nodeid.split("::")[0]], item.get_closest_marker("last") is not None))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -144,13 +166,102 @@ def make_server(target: str, *variables: str, log: Path, env: dict[str, str] | N
         background.terminate()
 
 
-def processes_matching(fragment: str) -> list[str]:
-    """Command lines of live processes that contain fragment (to prove nothing was left behind)."""
+def live_processes(fragment: str) -> list:
+    """psutil.Process of each live (not zombie) process whose command line contains fragment."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if fragment in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE and proc.pid != os.getpid():
-            found.append(cmdline)
+            found.append(proc)
     return found
+
+
+def processes_matching(fragment: str) -> list[str]:
+    """Command lines of live processes that contain fragment."""
+    return [" ".join(proc.info["cmdline"]) for proc in live_processes(fragment)]
+
+
+def survivors(fragment: str, timeout: float = 30) -> list[str]:
+    """Command lines of processes matching fragment that are still alive after `timeout` s. A process sent
+    SIGKILL is gone only once the kernel has run its exit, a moment after the signal: wait for that event
+    (a zombie counts as gone: it runs nothing and holds no port)."""
+    import psutil
+
+    def gone(proc) -> bool:
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + timeout
+    alive = live_processes(fragment)
+    while alive and time.monotonic() < deadline:
+        alive = [proc for proc in alive if not gone(proc)]
+        time.sleep(0.05)
+    return [" ".join(proc.info["cmdline"]) for proc in alive]
+
+
+def unavailable(reason: str) -> None:
+    """A capability a test needs is missing: skip on a developer's machine, fail in CI (CI=true), where a skip
+    would hide that the test never ran."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: this test must run here)")
+    pytest.skip(reason)
+
+
+class SmallDisk:
+    """A real tmpfs of `size` bytes, so that a full disk is the kernel's ENOSPC, without root: it is mounted in
+    a private user and mount namespace (unshare) that a holder process keeps alive. Commands run inside it
+    (`command`), where it sits at `path`; this process reaches the same files through `outside`
+    (/proc/<holder>/root/...; never .resolve() such a path: that leaves the namespace)."""
+
+    def __init__(self, path: Path, size: int):
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        mount = 'mount -t tmpfs -o size="$1" tmpfs "$2" && echo mounted && exec cat'
+        try:
+            self.holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount,
+                                            "sh", str(size), str(path)], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            unavailable("no unshare command (util-linux) to mount a small tmpfs")
+        if self.holder.stdout.readline() != "mounted\n":  # the holder prints it once mounted, or dies
+            problem = self.holder.stderr.read().strip()
+            self.close()
+            unavailable(f"cannot mount a tmpfs in a user namespace: {problem}")
+        self.outside = Path(f"/proc/{self.holder.pid}/root") / path.relative_to("/")
+
+    def command(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--target={self.holder.pid}", "--user", "--mount", "--preserve-credentials",
+                f"--wd={REPO}", *argv]
+
+    def run_cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(sys.executable, "-m", "qlora_app", *args), capture_output=True,
+                              text=True, cwd=REPO, timeout=600)
+
+    def free(self) -> int:
+        stat = os.statvfs(self.outside)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, leave: int) -> Path:
+        """A file taking all the free space but `leave` bytes."""
+        filler = self.outside / "filler"
+        with filler.open("wb") as f:
+            os.posix_fallocate(f.fileno(), 0, self.free() - leave)
+        return filler
+
+    def close(self) -> None:
+        self.holder.stdin.close()  # cat ends, and with the last process the namespace and its tmpfs go
+        self.holder.wait(timeout=30)
+        self.holder.stdout.close()
+        self.holder.stderr.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[SmallDisk]:
+    """A 64 MiB tmpfs; tests leave it as full as they need with SmallDisk.fill."""
+    disk = SmallDisk(tmp_path / "small-disk", 64 * 2**20)
+    yield disk
+    disk.close()

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ def run_copy(trained_run, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_streaming_merge_equals_peft_merge_and_unload(tmp_path, trained_run, tiny_model_dir):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -50,6 +50,7 @@ def test_streaming_merge_equals_peft_merge_and_unload(tmp_path, trained_run, tin
     assert sum(not torch.equal(ours[k], original[k]) for k in ours) == 14  # every adapted projection moved
 
 
+@pytest.mark.slow
 def test_auto_merges_into_the_base_closest_to_what_was_trained_and_says_why(merged):
     report = json.loads((merged / "merge_report.json").read_text())
     check = report["verification"]
@@ -60,6 +61,7 @@ def test_auto_merges_into_the_base_closest_to_what_was_trained_and_says_why(merg
     assert "closest to the adapter on the 4-bit base" in report["base_weights_reason"]
 
 
+@pytest.mark.slow
 def test_merge_settings_given_now_are_the_ones_used(tmp_path, trained_run):
     from safetensors import safe_open
 
@@ -74,6 +76,7 @@ def test_merge_settings_given_now_are_the_ones_used(tmp_path, trained_run):
     assert_one_line_error(run_cli("merge", str(copy), "--set", "train.lr=0.1"), "merge takes only merge.* settings")
 
 
+@pytest.mark.slow
 def test_a_plain_lora_run_is_never_merged_into_nf4_rounded_weights(tmp_path, trained_run):
     copy = run_copy(trained_run, tmp_path)
     recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
@@ -88,6 +91,7 @@ def test_a_plain_lora_run_is_never_merged_into_nf4_rounded_weights(tmp_path, tra
     assert not (copy / "merged").exists()
 
 
+@pytest.mark.slow
 def test_the_check_refuses_a_base_it_cannot_compare(trained_run, tiny_model_dir):
     from qlora_app.merge_verify import compare_merged
 
@@ -111,6 +115,7 @@ def test_dequantized_weights_are_exactly_the_ones_bitsandbytes_quantizes(tiny_mo
     assert quantized_weight_names(load_recipe("tiny", ["quantization.enabled=false"]), tiny_model_dir) == set()
 
 
+@pytest.mark.slow
 def test_merged_model_answers_like_the_adapter_and_stops(merged):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -125,6 +130,7 @@ def test_merged_model_answers_like_the_adapter_and_stops(merged):
     assert all(r.stopped for r in results)
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_without_peft(merged):
     code = (
         "import sys; sys.modules['peft'] = None\n"  # any import of peft now fails
@@ -138,6 +144,7 @@ def test_merged_folder_loads_with_plain_transformers_without_peft(merged):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_chat_template_and_stop_ids_are_the_training_ones(merged, trained_run):
     from transformers import AutoTokenizer
 
@@ -154,6 +161,7 @@ def test_chat_template_and_stop_ids_are_the_training_ones(merged, trained_run):
     assert "builtin:tiny-llama" in card and "held-out loss" in card
 
 
+@pytest.mark.slow
 def test_run_without_adapter_is_a_one_line_error(tmp_path, trained_run):
     copy = tmp_path / "run"
     shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints"))
@@ -162,6 +170,7 @@ def test_run_without_adapter_is_a_one_line_error(tmp_path, trained_run):
                           "qlora-app train")
 
 
+@pytest.mark.slow
 def test_adapter_that_does_not_fit_the_base_is_a_one_line_error(tmp_path, trained_run):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -181,6 +190,7 @@ def test_merge_needs_a_run(tmp_path):
     assert_one_line_error(run_cli("merge", "--runs-dir", str(tmp_path)), f"no trained run under {tmp_path}")
 
 
+@pytest.mark.slow
 def test_merge_report_checks_the_merge_and_compares_base_weights(merged):
     check = json.loads((merged / "merge_report.json").read_text())["verification"]
     assert check["examples"] == 12 and check["relative_logit_diff"] < 0.05
@@ -188,6 +198,7 @@ def test_merge_report_checks_the_merge_and_compares_base_weights(merged):
         assert 0 < check[key] < 1.0, key
 
 
+@pytest.mark.slow
 def test_merging_into_dequantized_weights_matches_what_was_trained(tmp_path, trained_run):
     import math
 
@@ -229,39 +240,51 @@ def sharded_run(tmp_path_factory, trained_run):
     return run
 
 
-def start_and_kill_merge(run: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "qlora_app", "merge", str(run), "--no-verify"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not any(run.glob(".merged-*/*.safetensors")):
-        assert proc.poll() is None and time.monotonic() < deadline, "merge ended before it could be killed"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+# The merge, killed by SIGKILL at a fixed point: as it is about to create the KILL_AT-th shard of its staging
+# folder (Python's audit hook sees the open() before it happens), so the earlier shards are whole, the rest absent.
+KILL_AT = 6
+KILLED_MERGE = """
+import os, signal, sys
+opened = 0
+def kill_at_shard(event, args):
+    global opened
+    if event == "open" and ".merged-" in str(args[0]) and str(args[0]).endswith(".safetensors") \\
+            and "w" in str(args[1]):
+        opened += 1
+        if opened == {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(kill_at_shard)
+from qlora_app.cli import main
+main(["merge", {run!r}, "--no-verify"])
+"""
 
 
+def kill_merge_midway(run: Path) -> None:
+    code = KILLED_MERGE.format(kill_at=KILL_AT, run=str(run))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]  # killed, not finished
+    (staging,) = run.glob(".merged-*")
+    assert len(list(staging.glob("*.safetensors"))) == KILL_AT - 1
+
+
+@pytest.mark.slow
 def test_killing_a_merge_midway_publishes_nothing_and_keeps_the_previous_model(sharded_run):
-    start_and_kill_merge(sharded_run)
+    kill_merge_midway(sharded_run)
     assert not (sharded_run / "merged").exists()  # only a staging folder, which the next merge removes
 
     assert run_cli("merge", str(sharded_run), "--no-verify").returncode == 0
     published = {p.name: p.read_bytes() for p in (sharded_run / "merged").glob("*.safetensors")}
     assert len(published) >= 10 and not list(sharded_run.glob(".merged-*"))
 
-    start_and_kill_merge(sharded_run)
+    kill_merge_midway(sharded_run)
     assert {p.name: p.read_bytes() for p in (sharded_run / "merged").glob("*.safetensors")} == published
 
 
-def test_merge_checks_free_disk_space_first(tmp_path, sharded_run):
-    small = tmp_path / "small-disk"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        run = small / "run"
-        shutil.copytree(sharded_run, run, ignore=shutil.ignore_patterns("merged", ".merged-*"))
-        assert_one_line_error(run_cli("merge", str(run), "--no-verify"), "merging needs about 0.1 GB free in",
-                              "is available")
-        assert not (run / "merged").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(small)])
+@pytest.mark.slow
+def test_merge_checks_free_disk_space_first(small_disk, sharded_run):
+    run = small_disk.outside / "run"
+    shutil.copytree(sharded_run, run, ignore=shutil.ignore_patterns("merged", ".merged-*"))
+    small_disk.fill(leave=16 * 2**20)
+    assert_one_line_error(small_disk.run_cli("merge", str(small_disk.path / "run"), "--no-verify"),
+                          "merging needs about 0.1 GB free in", "is available")
+    assert not (run / "merged").exists() and not list(run.glob(".merged-*"))

@@ -25,6 +25,7 @@ def run_copy(trained_run, tmp_path) -> RunDir:
     return RunDir(path)
 
 
+@pytest.mark.slow
 def test_training_is_current_only_for_the_same_training_settings_and_data(run_copy):
     root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
     assert reusable_run(tiny, root) == run_copy
@@ -35,6 +36,7 @@ def test_training_is_current_only_for_the_same_training_settings_and_data(run_co
     assert reusable_run(other_data, root) is None
 
 
+@pytest.mark.slow
 def test_a_crashed_attempt_hides_neither_latest_nor_the_finished_run(run_copy):
     """A newer run that died before its first checkpoint (a bad GPU, a killed load) is looked past, and
     `latest` still names the finished run."""
@@ -46,6 +48,7 @@ def test_a_crashed_attempt_hides_neither_latest_nor_the_finished_run(run_copy):
     assert reusable_run(tiny, root) == run_copy
 
 
+@pytest.mark.slow
 def test_merged_model_is_current_only_for_this_adapter_and_these_merge_settings(run_copy):
     from qlora_app.merge import adapter_fingerprint, is_current
 
@@ -61,6 +64,7 @@ def test_merged_model_is_current_only_for_this_adapter_and_these_merge_settings(
     assert not is_current(run_copy, settings)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_resumed_not_restarted(run_copy):
     manifest = run_copy.read_manifest()
     write_json_atomic(run_copy.manifest, {**manifest, "status": "interrupted"})

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -124,11 +125,13 @@ def stub_merged(run: Path) -> None:
     shutil.copy(run / "adapter" / "chat_template.jinja", run / "merged" / "chat_template.jinja")
 
 
+@pytest.mark.slow
 def test_serving_a_run_without_merged_model_says_how_to_make_it(bare_run):
     result = run_cli("serve", str(bare_run), "--port", str(free_port()))
     assert_one_line_error(result, "has no merged model", f"qlora-app merge {bare_run}")
 
 
+@pytest.mark.slow
 def test_a_model_without_its_training_chat_template_is_refused_before_vllm_starts(bare_run):
     stub_merged(bare_run)
     (bare_run / "merged" / "chat_template.jinja").unlink()
@@ -139,6 +142,7 @@ def test_a_model_without_its_training_chat_template_is_refused_before_vllm_start
     assert_one_line_error(result, "adapter 'support'", "has no chat_template.jinja")
 
 
+@pytest.mark.slow
 def test_serve_without_a_run_takes_the_latest_run_of_any_recipe(bare_run):
     from qlora_app.run_dir import RunDir
 
@@ -147,6 +151,7 @@ def test_serve_without_a_run_takes_the_latest_run_of_any_recipe(bare_run):
     assert_one_line_error(result, "has no merged model", after=(f"using the latest run: {bare_run} (recipe tiny)",))
 
 
+@pytest.mark.slow
 def test_a_gpu_nvml_cannot_read_is_not_taken_for_no_gpu(bare_run, tmp_path, monkeypatch, capsys):
     """On this machine NVML really is missing; with an NVIDIA device node present that means a broken GPU
     setup, not a CPU machine: vLLM keeps its GPU settings and the user is warned once."""
@@ -171,6 +176,7 @@ def test_a_gpu_nvml_cannot_read_is_not_taken_for_no_gpu(bare_run, tmp_path, monk
     assert capsys.readouterr().err.count("a GPU is present but its memory cannot be read") == 1
 
 
+@pytest.mark.slow
 def test_busy_port_is_refused_before_vllm_starts(bare_run):
     stub_merged(bare_run)
     with socket.socket() as sock:
@@ -181,6 +187,7 @@ def test_busy_port_is_refused_before_vllm_starts(bare_run):
     assert_one_line_error(result, f"port {port} on 127.0.0.1 is already in use")
 
 
+@pytest.mark.slow
 def test_public_address_without_key_is_refused_unless_forced(bare_run):
     stub_merged(bare_run)
     result = run_cli("serve", str(bare_run), "--host", "0.0.0.0", env={"QLORA_API_KEY": ""})
@@ -194,6 +201,7 @@ def test_public_address_without_key_is_refused_unless_forced(bare_run):
     assert_one_line_error(forced, f"port {port} on 0.0.0.0 is already in use")
 
 
+@pytest.mark.slow
 def test_missing_vllm_is_named_with_what_to_install(bare_run):
     """sys.modules['vllm'] = None is how Python marks a module as not importable: the environment without vLLM."""
     import subprocess
@@ -206,12 +214,14 @@ def test_missing_vllm_is_named_with_what_to_install(bare_run):
     assert_one_line_error(result, "vLLM is not installed in this environment", "make image")
 
 
+@pytest.mark.slow
 def test_max_model_len_beyond_the_model_is_refused(bare_run):
     stub_merged(bare_run)
     result = run_cli("serve", str(bare_run), "--port", str(free_port()), "--set", "serve.max_model_len=100000")
     assert_one_line_error(result, "serve.max_model_len=100000 is beyond the model's")
 
 
+@pytest.mark.slow
 def test_adapter_incompatible_with_vllm_is_refused_with_its_name(bare_run):
     config_path = bare_run / "adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -220,16 +230,19 @@ def test_adapter_incompatible_with_vllm_is_refused_with_its_name(bare_run):
     assert_one_line_error(result, "adapter 'support'", "DoRA")
 
 
+@pytest.mark.slow
 def test_adapter_above_the_servers_max_lora_rank_is_refused(bare_run):
     result = run_cli("serve", "--base", "tiny", "--adapter", f"support={bare_run}", "--set", "serve.max_lora_rank=8")
     assert_one_line_error(result, "adapter 'support' has rank 16", "serve.max_lora_rank=8")
 
 
+@pytest.mark.slow
 def test_adapter_from_another_base_is_refused(bare_run):
     result = run_cli("serve", "--base", "mistral-7b", "--adapter", f"support={bare_run}")
     assert_one_line_error(result, "adapter 'support' was trained on builtin:tiny-llama", "mistralai/")
 
 
+@pytest.mark.slow
 def test_adapter_arguments_are_checked(bare_run):
     assert_one_line_error(run_cli("serve", "--base", "tiny", "--adapter", "nothing"), "expected NAME=RUN_DIR")
     assert_one_line_error(run_cli("serve", "--adapter", f"a={bare_run}"), "--adapter needs --base RECIPE")
@@ -244,34 +257,36 @@ def test_bitsandbytes_serving_is_refused_with_the_alternative():
     assert_one_line_error(result, "serve.quantization: vLLM 0.32 has no bitsandbytes loader", "'fp8'")
 
 
-def test_health_passes_when_no_server_runs():
-    assert run_cli("health").returncode == 0
+def test_health_passes_when_no_server_runs(tmp_path):
+    """Only this test's temporary folder is looked at (TMPDIR): servers of other users of /tmp do not count."""
+    from qlora_app.serve.process import STATE_PREFIX
+
+    assert run_cli("health", env={"TMPDIR": str(tmp_path)}).returncode == 0
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a server whose process has ended left its state behind: it is not checked
+    state = {"pid": ended.pid, "url": f"http://127.0.0.1:{free_port()}"}
+    (tmp_path / f"{STATE_PREFIX}{ended.pid}.json").write_text(json.dumps(state))
+    assert run_cli("health", env={"TMPDIR": str(tmp_path)}).returncode == 0
 
 
 def test_health_fails_while_a_server_here_does_not_answer(tmp_path):
-    import os
-    import tempfile
-
     from qlora_app.serve.process import STATE_PREFIX
 
-    state = Path(tempfile.gettempdir()) / f"{STATE_PREFIX}{os.getpid()}.json"
+    state = tmp_path / f"{STATE_PREFIX}{os.getpid()}.json"
     state.write_text(json.dumps({"pid": os.getpid(), "url": f"http://127.0.0.1:{free_port()}"}))
-    try:
-        assert run_cli("health").returncode == 1
-    finally:
-        state.unlink()
+    assert run_cli("health", env={"TMPDIR": str(tmp_path)}).returncode == 1
 
 
 def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
     """vLLM's engine runs in child processes; if vLLM itself dies, stop() still clears its process group."""
-    from conftest import processes_matching
+    from conftest import processes_matching, survivors
     from qlora_app.serve.process import VllmServer
 
     marker = f"sleep 312.{os.getpid()}"
     with VllmServer(["bash", "-c", f"{marker} & exit 3"], "http://127.0.0.1:9", tmp_path / "log") as server:
         assert server.wait() == 3
         assert processes_matching(marker)  # the orphaned "worker"
-    assert processes_matching(marker) == []
+    assert survivors(marker) == []
 
 
 # --- the middleware, on a real Starlette app -----------------------------------------------------------------

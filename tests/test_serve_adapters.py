@@ -7,6 +7,8 @@ import pytest
 
 from conftest import REPO, make_server, run_cli, tiny_facts
 
+pytestmark = pytest.mark.slow  # trains a second adapter and serves both (vLLM)
+
 
 @pytest.fixture(scope="module")
 def creatures_run(tmp_path_factory):

@@ -6,20 +6,30 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from conftest import make_server, processes_matching, run_cli, tiny_facts
+from conftest import make_server, processes_matching, run_cli, survivors, tiny_facts
+
+pytestmark = pytest.mark.slow  # serves a model (vLLM)
 
 API_KEY = "sk-test-4f1d9c0e-not-a-real-key"
 
 
 @pytest.fixture(scope="module")
-def server(trained_run, tmp_path_factory):
+def state_dir(tmp_path_factory) -> Path:
+    """The server's TMPDIR, where it leaves the state file `qlora-app health` reads: this module's own."""
+    return tmp_path_factory.mktemp("serve-state")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory, state_dir):
     """The pipeline through make with the session's runs folder: training is current, so it is skipped."""
     runs = trained_run.path.parent.parent
     with make_server("pipeline", "RECIPE=tiny", log=tmp_path_factory.mktemp("pipeline") / "make-pipeline.log",
-                     env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY}) as background:
+                     env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY,
+                          "TMPDIR": str(state_dir)}) as background:
         yield background
 
 
@@ -99,9 +109,13 @@ def test_every_route_but_health_needs_the_key(server, path):
     assert get_status(server.url + path, key="sk-wrong") == 401
 
 
-def test_health_is_open_and_the_key_opens_the_rest(server):
+def test_health_is_open_and_the_key_opens_the_rest(server, state_dir):
+    from qlora_app.serve.process import STATE_PREFIX
+
     assert get_status(f"{server.url}/health") == 200
-    assert run_cli("health").returncode == 0  # the image's HEALTHCHECK, finding this server
+    (state,) = state_dir.glob(f"{STATE_PREFIX}*.json")
+    assert json.loads(state.read_text())["url"] == server.url
+    assert run_cli("health", env={"TMPDIR": str(state_dir)}).returncode == 0  # the image's HEALTHCHECK, finding it
     assert get_status(f"{server.url}/v1/models", key=API_KEY) == 200
     assert get_status(f"{server.url}/metrics", key=API_KEY) == 200
 
@@ -125,11 +139,13 @@ def test_the_key_is_in_no_log_and_no_command_line(server, trained_run):
     assert len(logs) >= 2 and not any(API_KEY in log.read_text() for log in logs)
 
 
+@pytest.mark.last
 def test_sigterm_stops_vllm_and_all_its_workers(server):
-    """Last in the module: SIGTERM to the make process group, as `docker stop` or a service manager sends it."""
+    """SIGTERM to the make process group, as `docker stop` or a service manager sends it (marked `last`: it
+    stops the module's server, so conftest runs it after the module's other tests)."""
     port = server.url.rsplit(":", 1)[1]
     assert len(processes_matching(f"--port {port}")) >= 2  # qlora-app and vLLM (and its engine core)
     server.terminate()  # make itself dies of the signal; qlora-app stops vLLM and says so
     assert "vLLM stopped" in server.read_log(), server.read_log()[-2000:]
     assert "Traceback" not in server.read_log()
-    assert processes_matching(f"--port {port}") == []
+    assert survivors(f"--port {port}") == []

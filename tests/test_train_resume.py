@@ -111,7 +111,7 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
 def interrupted_copy(trained_run, tmp_path) -> RunDir:
     """A copy of the session's run marked interrupted, its data a copy of the tiny data of its own."""
     from qlora_app.atomic import write_json_atomic
-    from qlora_app.recipe_loader import dump_recipe, load_recipe
+    from qlora_app.recipe_loader import dump_recipe
 
     path = tmp_path / "tiny" / trained_run.path.name
     shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
@@ -124,6 +124,7 @@ def interrupted_copy(trained_run, tmp_path) -> RunDir:
     return run
 
 
+@pytest.mark.slow
 def test_resuming_after_the_data_changed_is_refused_before_weights_load(interrupted_copy):
     run = interrupted_copy
     data = Path(run.recipe().data.source)
@@ -134,6 +135,7 @@ def test_resuming_after_the_data_changed_is_refused_before_weights_load(interrup
     assert run.metrics.read_text() == before and run.complete_checkpoints()
 
 
+@pytest.mark.slow
 def test_restarting_a_run_without_a_complete_checkpoint_drops_what_it_logged(interrupted_copy):
     from qlora_app.train import resume_point
 
@@ -144,43 +146,53 @@ def test_restarting_a_run_without_a_complete_checkpoint_drops_what_it_logged(int
     assert run.read_metrics() == []  # the restart logs its steps afresh: no step twice
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MiB filesystem (tmpfs), so that a full disk is a real ENOSPC from the kernel."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+SHORT = ("--set", "train.max_steps=20", "--set", "train.save_steps=10")  # checkpoint-10, then checkpoint-20
+# checkpoint-20 runs out of space in optimizer.pt (torch.save; tests/test_disk_full.py covers safetensors' own
+# error type): what the Trainer writes into a checkpoint before it
+FAILING = "optimizer.pt"
+WRITTEN_BEFORE = ["README.md", "adapter_model.safetensors", "adapter_config.json", "chat_template.jinja",
+                  "tokenizer_config.json", "tokenizer.json", "training_args.bin"]
+RUN_FILES = 64 * 1024  # recipe, manifest, metrics, tensorboard events, markers: a few pages each
 
 
-def fill(directory: Path) -> None:
-    with (directory / "filler").open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+def pages(size: int) -> int:
+    return -(-size // 4096) * 4096
 
 
-def test_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(small_disk):
-    proc = start_training(small_disk)
-    latest = small_disk / "tiny" / "latest"
-    wait_for(lambda: latest.exists() and RunDir(latest.resolve()).complete_checkpoints(), proc)
-    fill(small_disk)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2, stderr[-2000:]
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: disk full while training into") and "Traceback" not in stderr
-    (small_disk / "filler").unlink()
-    run = RunDir(latest.resolve())
-    kept = run.complete_checkpoints()[0]
+def room_to_fail_halfway(reference: Path) -> int:
+    """Free space that lets the short run write checkpoint-10 whole, then runs out halfway through FAILING in
+    checkpoint-20 (sizes from a complete checkpoint of the same model, tmpfs counting whole pages)."""
+    checkpoint = sum(pages(p.stat().st_size) for p in reference.iterdir())
+    before = sum(pages((reference / name).stat().st_size) for name in WRITTEN_BEFORE)
+    return RUN_FILES + checkpoint + before + (reference / FAILING).stat().st_size // 2
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(small_disk, trained_run):
+    """The disk is full in the middle of torch.save writing checkpoint-20's optimizer state (never in a
+    metrics append): one line, and checkpoint-10 is intact and resumable."""
     from safetensors.torch import load_file
 
-    assert load_file(kept / "adapter_model.safetensors")  # intact and loadable
-    resumed = run_cli("train", "tiny", "--runs-dir", str(small_disk), "--resume")
+    reference = RunDir(trained_run.path).complete_checkpoints()[-1]
+    filler = small_disk.fill(leave=room_to_fail_halfway(reference))
+    result = small_disk.run_cli("train", "tiny", "--runs-dir", str(small_disk.path), *SHORT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: disk full while training into") and "(checkpoint-10 is intact)" in last_line
+
+    (run_path,) = [p for p in (small_disk.outside / "tiny").iterdir() if p.is_dir() and not p.is_symlink()]
+    run = RunDir(run_path)
+    partial = run.checkpoints / "checkpoint-20"
+    assert partial.is_dir() and partial in run.incomplete_checkpoints()  # it failed while saving checkpoint-20,
+    assert all((partial / name).is_file() for name in WRITTEN_BEFORE)  # after what comes before the optimizer,
+    adapter = "adapter_model.safetensors"  # the adapter whole,
+    assert (partial / adapter).stat().st_size == (reference / adapter).stat().st_size
+    assert (partial / FAILING).stat().st_size < (reference / FAILING).stat().st_size  # in the middle of it
+    assert [checkpoint_step(p) for p in run.complete_checkpoints()] == [10]
+    assert load_file(run.complete_checkpoints()[0] / "adapter_model.safetensors")  # intact and loadable
+
+    filler.unlink()
+    resumed = small_disk.run_cli("train", "tiny", "--runs-dir", str(small_disk.path), "--resume", *SHORT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping checkpoint-20" in resumed.stderr and "resuming from checkpoint-10" in resumed.stderr
+    assert run.read_manifest()["status"] == "finished"
