@@ -86,7 +86,7 @@ def test_a_plain_lora_run_is_never_merged_into_nf4_rounded_weights(tmp_path, tra
 
     RunDir(copy).mark_latest()  # and merge with no run named takes the latest run of any recipe
     result = run_cli("merge", "--runs-dir", str(tmp_path), "--base-weights", "dequantized")
-    assert_one_line_error(result, f"{copy} trained plain LoRA on 16-bit weights",
+    assert_one_line_error(result, f"{copy / 'recipe.yaml'}", "rounds the base to NF4", "quantization.enabled: false",
                           after=(f"using the latest run: {copy} (recipe tiny)",))
     assert not (copy / "merged").exists()
 
