@@ -19,6 +19,7 @@ from pathlib import Path
 from qlora_app import console
 from qlora_app.data import Records, load_splits
 from qlora_app.encoding import Encoded, encode, load_tokenizer
+from qlora_app.doctor import check_driver
 from qlora_app.errors import UserError
 from qlora_app.recipe import Recipe
 from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp, write_json_atomic
@@ -72,6 +73,7 @@ def find_resumable(recipe: Recipe, root: Path, resume: str) -> tuple[RunDir, Pat
 
 def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     started = time.time()
+    check_driver()
     run, checkpoint = find_resumable(recipe, root, resume) if resume else (None, None)
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
