@@ -224,12 +224,14 @@ def health_cmd() -> None:
 
 @main.command("doctor")
 @click.option("--no-kernels", is_flag=True, help="Skip loading the CUDA and bitsandbytes kernels.")
-def doctor_cmd(no_kernels: bool) -> None:
-    """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, and whether torch and
-    bitsandbytes kernels load. Exit 0 when ready, 1 when not, with the one thing to do."""
+@runs_dir_option
+def doctor_cmd(no_kernels: bool, runs_dir: str | None) -> None:
+    """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, whether torch and
+    bitsandbytes kernels load, whether runs can be written. Exit 0 when ready, 1 when not, with what to do."""
     from qlora_app.doctor import doctor
+    from qlora_app.run_dir import runs_root
 
-    sys.exit(0 if doctor(kernels=not no_kernels) else 1)
+    sys.exit(0 if doctor(runs_root(runs_dir), kernels=not no_kernels) else 1)
 
 
 @main.command("pod")

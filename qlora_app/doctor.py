@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class Facts:
     gpu: GpuInfo
     cuda_needed: str | None  # the CUDA torch's wheels were built for, e.g. "13.0"; None: a CPU build
     kernels: tuple[KernelCheck, ...] = ()
+    runs_dir: Path | None = None
+    runs_writable: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,10 @@ def verdict(facts: Facts) -> list[Finding]:
     if gpu.status == "unqueryable":
         return [Finding("fail", f"a GPU is present but cannot be queried: {gpu.reason}",
                         "the driver is broken or mismatched: run nvidia-smi on the host; reboot or reinstall it")]
+    if not facts.runs_writable:
+        return [Finding("fail", f"cannot write runs to {facts.runs_dir} as uid {os.getuid()}",
+                        "set QLORA_HOME (or QLORA_RUNS_DIR) to a writable volume, or run the container as its "
+                        "owner (Kubernetes: securityContext.fsGroup; Docker: --user)")]
     if facts.cuda_needed is None:
         return [Finding("fail", "this torch is a CPU build", "use the GPU image or install requirements/gpu.lock")]
     problem = driver_problem(gpu, facts.cuda_needed)
@@ -121,12 +128,18 @@ def run_kernel(name: str, code: str, timeout: float = KERNEL_TIMEOUT_S) -> Kerne
     return KernelCheck(name, result.returncode == 0, detail)
 
 
-def gather(kernels: bool = True) -> Facts:
+def writable(folder: Path) -> bool:
+    """Whether runs can be created in folder (the nearest existing parent decides for one not yet made)."""
+    existing = next(p for p in (folder.resolve(), *folder.resolve().parents) if p.exists())
+    return os.access(existing, os.W_OK | os.X_OK)
+
+
+def gather(runs_dir: Path, kernels: bool = True) -> Facts:
     gpu, cuda_needed = query_gpu(), wheels_cuda()
     checks: tuple[KernelCheck, ...] = ()
     if kernels and gpu.status == "ok" and cuda_needed and not driver_problem(gpu, cuda_needed):
         checks = (run_kernel("torch CUDA matmul", TORCH_MATMUL), run_kernel("bitsandbytes NF4", BNB_4BIT))
-    return Facts(gpu, cuda_needed, checks)
+    return Facts(gpu, cuda_needed, checks, runs_dir, writable(runs_dir))
 
 
 def check_driver() -> None:
@@ -148,6 +161,7 @@ def print_report(facts: Facts, findings: list[Finding]) -> None:
     rows = [("GPU", gpu.name or {"none": "none visible", "unqueryable": "present, unreadable"}.get(gpu.status, "?")),
             ("driver", f"{gpu.driver} (CUDA {gpu.cuda_driver})" if gpu.driver else "n/a"),
             ("CUDA the wheels need", facts.cuda_needed or "none (CPU build of torch)"),
+            ("runs", str(facts.runs_dir)),
             ("memory free / total", f"{gpu.free_bytes / 2**30:.1f} / {gpu.total_bytes / 2**30:.1f} GiB"
              if gpu.total_bytes else "n/a")]
     mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
@@ -159,8 +173,8 @@ def print_report(facts: Facts, findings: list[Finding]) -> None:
         f.fix for f in findings if f.level == "fail"), highlight=False)
 
 
-def doctor(kernels: bool = True) -> bool:
-    facts = gather(kernels)
+def doctor(runs_dir: Path, kernels: bool = True) -> bool:
+    facts = gather(runs_dir, kernels)
     findings = verdict(facts)
     print_report(facts, findings)
     return ready(findings)

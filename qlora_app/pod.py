@@ -27,10 +27,8 @@ what to type (in this pod's terminal; runs in {runs}):
 
 
 def pod(runs_root: Path) -> None:
-    doctor()
+    doctor(runs_root)
     console.out.print(WHAT_TO_TYPE.format(runs=runs_root.resolve()), markup=False, highlight=False)
-    console.out.print("waiting (stop the pod to end)", highlight=False)
-    sys.stdout.flush()
     wait_for_stop()
 
 
@@ -38,6 +36,8 @@ def wait_for_stop() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     signal.signal(signal.SIGCHLD, lambda *_: reap())
+    console.out.print("waiting (stop the pod to end)", highlight=False)  # only now can a stop be handled
+    sys.stdout.flush()
     while True:
         signal.pause()
 
