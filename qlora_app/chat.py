@@ -37,11 +37,13 @@ def pick_model(client, url: str, model: str | None) -> str:
     return model or served[0]
 
 
-def stream_reply(client, model: str, history: list[dict], write=sys.stdout.write) -> str:
+def stream_reply(client, model: str, history: list[dict], write=sys.stdout.write,
+                 temperature: float | None = None) -> str:
     """Print the reply as it streams in and return it; Ctrl-C ends it early."""
     text, stream = [], None
+    sampling = {} if temperature is None else {"temperature": temperature}
     try:
-        stream = client.chat.completions.create(model=model, messages=history, stream=True)
+        stream = client.chat.completions.create(model=model, messages=history, stream=True, **sampling)
         for chunk in stream:
             piece = chunk.choices[0].delta.content if chunk.choices else None
             if piece:
@@ -69,7 +71,7 @@ def read_line() -> str | None:
             sys.stdout.write("\n")
 
 
-def chat(url: str, model: str | None, api_key: str | None) -> None:
+def chat(url: str, model: str | None, api_key: str | None, temperature: float | None = None) -> None:
     import readline  # noqa: F401  (line editing and history for input())
 
     import openai
@@ -92,7 +94,8 @@ def chat(url: str, model: str | None, api_key: str | None) -> None:
             continue
         history.append({"role": "user", "content": line})
         try:
-            history.append({"role": "assistant", "content": stream_reply(client, model, history)})
+            history.append({"role": "assistant", "content": stream_reply(client, model, history,
+                                                                          temperature=temperature)})
         except openai.APIError as exc:
             history.pop()
             console.error(f"the server refused that message: {str(exc).splitlines()[0]}")

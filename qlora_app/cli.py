@@ -263,11 +263,13 @@ def push_cmd(run_dir: str, repo_id: str, merged: bool, public: bool) -> None:
 @main.command("chat")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The server's address.")
 @click.option("--model", default=None, help="Model id (default: the only model the server lists).")
-def chat_cmd(url: str, model: str | None) -> None:
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sampling temperature (default: the model's generation config); 0 answers deterministically.")
+def chat_cmd(url: str, model: str | None, temperature: float | None) -> None:
     """Chat with a running server in this terminal; the API key comes from QLORA_API_KEY."""
     import os
 
     from qlora_app.chat import chat
     from qlora_app.serve.auth import KEY_ENV
 
-    chat(url, model, os.environ.get(KEY_ENV))
+    chat(url, model, os.environ.get(KEY_ENV), temperature)

@@ -6,9 +6,7 @@ import importlib.metadata
 import json
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from conftest import lint
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -80,10 +80,7 @@ def run_steps_with(fragment: str) -> list[str]:
 # --- the Dockerfile ----------------------------------------------------------------------------------------
 
 def test_hadolint_passes():
-    hadolint = Path(sys.executable).with_name("hadolint")
-    hadolint = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
-    assert hadolint, "hadolint is missing: it comes with the dev extra (make venv)"
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    result = lint("hadolint", DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

