@@ -113,13 +113,19 @@ def usage(recipe, facts: CardFacts) -> str:
                 f"AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{ref}\", dtype=\"auto\")\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{ref}\")\n```\n")
     return ("## Use\n\nServe on its base with vLLM (adapter mode; one base can serve many adapters):\n\n"
-            f"```bash\nvllm serve {base} --enable-lora --max-lora-rank {recipe.lora.r} "
+            f"```bash\nvllm serve {base} --enable-lora --max-lora-rank {vllm_rank(recipe.lora.r)} "
             f"--lora-modules {name}={ref}\n```\n\n"
             "Load with transformers and peft:\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
             "from transformers import AutoTokenizer\n\n"
             f"model = AutoPeftModelForCausalLM.from_pretrained(\"{ref}\", dtype=\"auto\")\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{ref}\")  # the training tokenizer and chat template\n"
             "```\n")
+
+
+def vllm_rank(r: int) -> int:
+    from qlora_app.serve.target import VLLM_LORA_RANKS
+
+    return min((v for v in VLLM_LORA_RANKS if v >= r), default=r)
 
 
 def merge_section(merged_dir: Path | None) -> str:
