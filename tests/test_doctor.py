@@ -96,3 +96,17 @@ def test_a_runs_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path):
     findings = verdict(Facts(gpu(), "13.0", KERNELS_OK, tmp_path / "runs", runs_writable=False))
     assert not ready(findings) and f"cannot write runs to {tmp_path / 'runs'}" in findings[0].what
     assert "QLORA_HOME" in findings[0].fix
+
+
+def test_a_kernel_check_reports_the_failure_line_of_its_subprocess():
+    from qlora_app.doctor import TORCH_MATMUL, run_kernel
+
+    check = run_kernel("torch CUDA matmul", TORCH_MATMUL)  # this torch has no CUDA: the real failure
+    assert not check.ok and "CUDA" in check.detail and "\n" not in check.detail
+
+
+def test_a_kernel_check_that_hangs_is_cut_off_by_its_timeout():
+    from qlora_app.doctor import run_kernel
+
+    check = run_kernel("hung driver", "import time; time.sleep(60)", timeout=1)  # stands in for a hung driver
+    assert not check.ok and check.detail == "no answer within 1 s"
