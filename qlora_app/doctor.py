@@ -78,7 +78,7 @@ def verdict(facts: Facts) -> list[Finding]:
         return [Finding("fail", f"a GPU is present but cannot be queried: {gpu.reason}",
                         "the driver is broken or mismatched: run nvidia-smi on the host; reboot or reinstall it")]
     if not facts.runs_writable:
-        return [Finding("fail", f"cannot write runs to {facts.runs_dir} as uid {os.getuid()}",
+        return [Finding("fail", f"cannot write runs to {facts.runs_dir} as this user",
                         "set QLORA_HOME (or QLORA_RUNS_DIR) to a writable volume, or run the container as its "
                         "owner (Kubernetes: securityContext.fsGroup; Docker: --user)")]
     if facts.cuda_needed is None:
