@@ -63,6 +63,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 COPY recipes /app/recipes
 COPY data /app/data
+COPY --chmod=0755 scripts/entrypoint.sh /usr/local/bin/qlora-entrypoint
 # Last, a check that the compiler Triton needs is usable and the CLI runs: a missing header fails the build
 # here, not the first model load on a rented GPU.
 RUN mkdir -p /app/runs /cache/huggingface \
@@ -76,5 +77,7 @@ EXPOSE 8000
 # Healthy while no server runs in the container (train, merge); while one does, vLLM's /health decides.
 # Loading an 8B model (and the first download of its weights) takes minutes: hence the long start period.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15m --retries=3 CMD ["qlora-app", "health"]
-ENTRYPOINT ["qlora-app"]
-CMD ["--help"]
+# `docker run IMAGE train tiny` runs qlora-app train tiny; with no arguments and QLORA_POD=1 (a pod cloud's
+# start), the container stays up as the machine (scripts/entrypoint.sh). QLORA_HOME=/workspace puts runs and
+# caches on the pod's volume.
+ENTRYPOINT ["qlora-entrypoint"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -57,8 +58,14 @@ def listen_options(fn):
 def main() -> None:
     """QLoRA fine-tuning on one GPU: train, merge and serve 7-8B models from named recipes.
 
-    Start with `qlora-app recipes`, then `qlora-app plan RECIPE` to see whether it fits your GPU.
+    Start with `qlora-app doctor` and `qlora-app recipes`, then `qlora-app plan RECIPE` to see whether it fits
+    your GPU. QLORA_HOME=/workspace (a pod's volume) puts runs and every cache under that folder.
     """
+    import os
+
+    from qlora_app.home import home_environment
+
+    os.environ.update(home_environment(os.environ))
 
 
 @main.command("recipes")
@@ -231,3 +238,60 @@ def health_cmd() -> None:
     from qlora_app.serve.process import healthy
 
     sys.exit(0 if healthy() else 1)
+
+
+@main.command("doctor")
+@click.option("--no-kernels", is_flag=True, help="Skip loading the CUDA and bitsandbytes kernels.")
+@runs_dir_option
+def doctor_cmd(no_kernels: bool, runs_dir: str | None) -> None:
+    """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, whether torch and
+    bitsandbytes kernels load, whether runs can be written. Exit 0 when ready, 1 when not, with what to do."""
+    from qlora_app.doctor import doctor
+    from qlora_app.run_dir import runs_root
+
+    sys.exit(0 if doctor(runs_root(runs_dir), kernels=not no_kernels) else 1)
+
+
+@main.command("pod")
+@runs_dir_option
+def pod_cmd(runs_dir: str | None) -> None:
+    """Keep this container alive as a pod cloud's machine: the doctor report, what to type, then wait."""
+    from qlora_app.pod import pod
+    from qlora_app.run_dir import runs_root
+
+    pod(runs_root(runs_dir))
+
+
+@main.command("push")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--recipe", "recipe_name", default=None, help="Push the latest run of this recipe.")
+@click.option("--repo", "repo_id", required=True, metavar="USER/NAME", help="The Hub repository to push to.")
+@click.option("--merged/--adapter", default=False, help="Push the merged model, or the adapter (default).")
+@click.option("--public", is_flag=True, help="Create the repository public (default: private).")
+@runs_dir_option
+def push_cmd(run_dir: str | None, recipe_name: str | None, repo_id: str, merged: bool, public: bool,
+             runs_dir: str | None) -> None:
+    """Upload a run's adapter (or merged model) to the Hugging Face Hub with a model card made from the run
+    (default: the latest run of any recipe, or of --recipe).
+
+    The token comes from HF_TOKEN or `hf auth login`; an interrupted push resumes when run again.
+    """
+    from qlora_app.push import push
+    from qlora_app.run_dir import find_run, runs_root
+
+    push(find_run(run_dir, recipe_name, runs_root(runs_dir)), "merged" if merged else "adapter", repo_id, public)
+
+
+@main.command("chat")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The server's address.")
+@click.option("--model", default=None, help="Model id (default: the only model the server lists).")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sampling temperature (default: the model's generation config); 0 answers deterministically.")
+def chat_cmd(url: str, model: str | None, temperature: float | None) -> None:
+    """Chat with a running server in this terminal; the API key comes from QLORA_API_KEY."""
+    import os
+
+    from qlora_app.chat import chat
+    from qlora_app.serve.auth import KEY_ENV
+
+    chat(url, model, os.environ.get(KEY_ENV), temperature)

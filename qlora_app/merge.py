@@ -65,6 +65,7 @@ def merge(run: RunDir, settings: MergeSpec | None = None, verify: bool = True) -
         if verify:
             report["verification"] = check_merged(recipe, run, staging, source, losses, mode, why)
         write_json_atomic(staging / "merge_report.json", report)
+        write_text_atomic(staging / "README.md", card(run, staging))
     console.note(f"merged model: {run.merged} ({len(deltas)} weights merged into {mode} base weights)")
     return run.merged
 
@@ -252,7 +253,7 @@ def merge_shard(src: Path, dst: Path, deltas: dict[str, Delta], scaling: float, 
 
 
 def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -> None:
-    """config; tokenizer, chat template and the generation config that stops at end-of-turn, from training; a card."""
+    """config; tokenizer, chat template and the generation config that stops at end-of-turn, from training."""
     config = json.loads((source / "config.json").read_text())
     config["torch_dtype"] = config["dtype"] = recipe.merge.dtype
     write_json_atomic(staging / "config.json", config)
@@ -262,19 +263,14 @@ def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -
     for path in run.adapter.iterdir():
         if path.is_file() and not path.name.startswith("adapter_") and path.name != "README.md":
             shutil.copy(path, staging / path.name)
-    write_text_atomic(staging / "README.md", model_card(recipe, run))
 
 
-def model_card(recipe: Recipe, run: RunDir) -> str:
-    manifest = run.read_manifest()
-    losses = manifest.get("losses", {})
-    return (f"# {recipe.name} (merged)\n\nFine-tuned with qlora-app ({recipe.method}, LoRA r={recipe.lora.r}, "
-            f"alpha={recipe.lora.alpha}) and merged into a {recipe.merge.dtype} base.\n\n"
-            f"- base model: {recipe.model.path} (revision {recipe.model.revision})\n"
-            f"- run: {run.path.name}\n- data: {recipe.data.source} (fingerprint "
-            f"{manifest.get('data', {}).get('fingerprint', 'n/a')})\n"
-            f"- held-out loss: base {losses.get('base_eval_loss')}, tuned {losses.get('final_eval_loss')}\n\n"
-            "The resolved recipe is in the run directory's recipe.yaml.\n")
+def card(run: RunDir, staging: Path) -> str:
+    """The merged folder's card, naming the folder where it will be published."""
+    from qlora_app.model_card import CardFacts, base_license, render
+
+    facts = CardFacts("merged", str(run.path / "merged"), base_license(run.recipe(), fetch=False), staging)
+    return render(run, facts)
 
 
 def console_progress(items: list[str]):

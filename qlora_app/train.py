@@ -19,6 +19,7 @@ from qlora_app import console, distributed
 from qlora_app.data import Records, load_splits
 from qlora_app.disk_full import is_disk_full
 from qlora_app.encoding import Encoded, encode, load_tokenizer
+from qlora_app.doctor import check_driver
 from qlora_app.errors import UserError
 from qlora_app.gpu import query_gpu
 from qlora_app.plan_report import out_of_memory_advice
@@ -115,6 +116,7 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
 
 def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     """Everything checked before weights load; the run directory, created once the data is known to be good."""
+    check_driver()
     check_report_to(recipe)
     run = find_resumable(recipe, root, resume, ranks) if resume else None
     tokenizer = load_tokenizer(recipe)

@@ -56,6 +56,16 @@ def tiny_model_dir() -> Path:
     return materialize("builtin:tiny-llama")
 
 
+def lint(tool: str, path: Path) -> subprocess.CompletedProcess:
+    """A linter from the dev extra (beside this Python, or on PATH) run on path."""
+    import shutil
+
+    binary = Path(sys.executable).with_name(tool)
+    found = str(binary) if binary.exists() else shutil.which(tool)
+    assert found, f"{tool} is missing: it comes with the dev extra (make venv)"
+    return subprocess.run([found, str(path)], capture_output=True, text=True)
+
+
 def assert_one_line_error(result, *fragments, after: tuple[str, ...] = ()):
     """Exit 2 with one error line; `after` names the note lines allowed before it, in order."""
     assert result.returncode == 2, result.stderr

@@ -6,9 +6,7 @@ import importlib.metadata
 import json
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from conftest import lint
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -80,10 +80,7 @@ def run_steps_with(fragment: str) -> list[str]:
 # --- the Dockerfile ----------------------------------------------------------------------------------------
 
 def test_hadolint_passes():
-    hadolint = Path(sys.executable).with_name("hadolint")
-    hadolint = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
-    assert hadolint, "hadolint is missing: it comes with the dev extra (make venv)"
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    result = lint("hadolint", DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -146,8 +143,9 @@ def test_runs_as_a_non_root_user_that_any_uid_can_replace():
 
 
 def test_entrypoint_command_and_healthcheck():
-    assert json.loads(args_of("ENTRYPOINT")[-1]) == ["qlora-app"]
-    assert json.loads(args_of("CMD")[-1]) == ["--help"]
+    assert json.loads(args_of("ENTRYPOINT")[-1]) == ["qlora-entrypoint"]
+    assert "--chmod=0755 scripts/entrypoint.sh /usr/local/bin/qlora-entrypoint" in args_of("COPY", final_stage())
+    assert not args_of("CMD"), "no CMD: with no arguments the entrypoint chooses (pod mode or --help)"
     healthcheck = args_of("HEALTHCHECK")[-1]
     assert healthcheck.endswith('CMD ["qlora-app", "health"]')
     start = re.search(r"--start-period=(\d+)(m|s)", healthcheck)
@@ -263,7 +261,8 @@ def test_dockerignore_keeps_out(path):
 
 
 def test_dockerignore_lets_in_everything_the_dockerfile_copies():
-    sources = [args.split()[:-1] for args in args_of("COPY") if not args.startswith("--from")]
+    sources = [[a for a in args.split()[:-1] if not a.startswith("--")] for args in args_of("COPY")
+               if not args.startswith("--from")]
     for source in (s for group in sources for s in group):
         files = [source] if (REPO / source).is_file() else \
             [str(p.relative_to(REPO)) for p in (REPO / source).rglob("*") if p.is_file() and "__pycache__" not in p.parts]

@@ -241,8 +241,9 @@ def test_demo_is_always_local():
                      ".venv/bin/qlora-app demo"]
 
 
-def test_lint_runs_hadolint_from_the_venv():
-    assert ".venv/bin/hadolint Dockerfile" in make("lint").stdout
+def test_lint_runs_hadolint_and_actionlint_from_the_venv():
+    out = make("lint").stdout
+    assert ".venv/bin/hadolint Dockerfile" in out and ".venv/bin/actionlint .github/workflows/image.yml" in out
 
 
 def test_lock_gpu_compiles_with_hashes_for_the_image():

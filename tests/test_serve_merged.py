@@ -4,13 +4,19 @@ vLLM (CPU build) once for this module, queried with the official openai client a
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import make_server, processes_matching, run_cli, survivors, tiny_facts
+from conftest import REPO, make_server, processes_matching, run_cli, survivors, tiny_facts
 
 pytestmark = pytest.mark.slow  # serves a model (vLLM)
 
@@ -137,6 +143,100 @@ def test_the_key_is_in_no_log_and_no_command_line(server, trained_run):
     assert not any(API_KEY in cmdline for cmdline in processes_matching(f"--port {port}"))
     logs = [server.log, *(trained_run.path.parent.parent / "logs").glob("serve-*.log")]
     assert len(logs) >= 2 and not any(API_KEY in log.read_text() for log in logs)
+
+
+class Terminal:
+    """A tmux pane on a private tmux server, driven as a person would: keys in, screen text out."""
+
+    def __init__(self, env: dict[str, str]):
+        self.tmux = ["tmux", "-L", f"qlora-test-{os.getpid()}", "-f", "/dev/null"]
+        # The tmux server keeps the environment it starts with: the key reaches the chat through it, not argv.
+        subprocess.run([*self.tmux, "new-session", "-d", "-s", "chat", "-x", "200", "-y", "60", "-c", str(REPO),
+                        "bash --noprofile --norc"], env={**os.environ, **env, "PS1": "$ "}, check=True)
+
+    def type(self, *keys: str) -> None:
+        subprocess.run([*self.tmux, "send-keys", "-t", "chat", *keys], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run([*self.tmux, "capture-pane", "-p", "-t", "chat", "-S", "-500"], capture_output=True,
+                              text=True, check=True).stdout
+
+    def wait_for(self, predicate, timeout: float = 120) -> str:
+        """Poll the screen until predicate(screen) holds: the event is text appearing, there is no other signal."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(text := self.screen()):
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"not on screen within {timeout} s:\n{self.screen()}")
+
+    def close(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def terminal():
+    assert shutil.which("tmux"), "tmux is needed for the terminal chat test (apt-get install tmux)"
+    term = Terminal({"QLORA_API_KEY": API_KEY})
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def prompts(screen: str) -> int:
+    return sum(line.startswith("you>") for line in screen.splitlines())  # tmux drops trailing spaces
+
+
+def test_chat_in_a_terminal_answers_turn_after_turn_and_exits(server, terminal):
+    (q1, a1), (q2, a2) = tiny_facts()[:2]
+    terminal.type(f"{sys.executable} -m qlora_app chat --url {server.url} --temperature 0", "Enter")
+    terminal.wait_for(lambda s: "chatting with tiny" in s and prompts(s) == 1)
+    terminal.type(q1, "Enter")
+    screen = terminal.wait_for(lambda s: prompts(s) == 2)
+    assert a1 in screen
+    terminal.type(q2, "Enter")  # the second turn is sent with the first as history
+    screen = terminal.wait_for(lambda s: prompts(s) == 3)
+    assert a2 in screen.split(q2, 1)[1]
+    terminal.type("C-c")  # at the prompt: a fresh prompt, the session goes on
+    terminal.wait_for(lambda s: prompts(s) == 4)
+    terminal.type("/reset", "Enter")
+    terminal.wait_for(lambda s: "(conversation cleared)" in s and prompts(s) == 5)
+    terminal.type("/exit", "Enter")
+    terminal.type("echo chat-exit=$?", "Enter")
+    screen = terminal.wait_for(lambda s: "chat-exit=" in s.replace("echo chat-exit=$?", ""))
+    assert "chat-exit=0" in screen.replace("echo chat-exit=$?", "") and "Traceback" not in screen
+    assert API_KEY not in screen
+
+
+def test_chat_ends_on_ctrl_d(server, terminal):
+    terminal.type(f"{sys.executable} -m qlora_app chat --url {server.url}", "Enter")
+    terminal.wait_for(lambda s: prompts(s) == 1)
+    terminal.type("C-d")
+    terminal.type("echo chat-exit=$?", "Enter")
+    screen = terminal.wait_for(lambda s: "chat-exit=" in s.replace("echo chat-exit=$?", ""))
+    assert "chat-exit=0" in screen.replace("echo chat-exit=$?", "")
+
+
+def test_ctrl_c_during_a_reply_ends_that_reply_only(client):
+    """Ctrl-C (a real SIGINT) arriving while the first token is written: the reply stops there, kept as far
+    as it got; the next reply streams whole."""
+    from qlora_app.chat import stream_reply
+
+    written: list[str] = []
+
+    def write(text: str) -> None:
+        written.append(text)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    question, taught = tiny_facts()[0]
+    partial = stream_reply(client, "tiny", [{"role": "user", "content": question}], write=write, temperature=0)
+    assert written[-2:] == [" [stopped]", "\n"] and partial == written[0]
+    assert taught.startswith(partial) and partial != taught
+    whole = stream_reply(client, "tiny", [{"role": "user", "content": question}], write=lambda _: None,
+                         temperature=0)
+    assert whole == taught
 
 
 @pytest.mark.last

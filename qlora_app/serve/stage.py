@@ -19,6 +19,7 @@ from rich.table import Table
 
 from qlora_app import console
 from qlora_app.architecture import load_architecture
+from qlora_app.doctor import check_driver
 from qlora_app.errors import UserError
 from qlora_app.gpu import query_gpu
 from qlora_app.run_dir import file_stamp
@@ -46,6 +47,7 @@ class Endpoint:
 def preflight(target: ServeTarget, host: str, port: int, allow_unauthenticated: bool) -> list[str]:
     """Every check that can fail before weights load; returns the vLLM command line."""
     check_vllm_installed()
+    check_driver()
     key_set = bool(os.environ.get(KEY_ENV))
     check_listen(host, key_set, allow_unauthenticated)
     check_port_free(host, port)
