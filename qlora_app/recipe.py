@@ -77,6 +77,7 @@ class DataSpec(Section):
 
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+Attention = Literal["auto", "flash", "flex", "sdpa", "eager"]
 
 
 class TrainSpec(Section):
@@ -91,6 +92,10 @@ class TrainSpec(Section):
     max_grad_norm: float = Field(0.3, gt=0)
     optimizer: Optimizer = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    attention: Attention = Field(
+        "auto", description="Attention kernel: flash (hub kernel, CUDA), flex (torch flex_attention, CUDA), sdpa, "
+                            "eager; auto: flash on CUDA when its kernel loads, else flex; sdpa on CPU "
+                            "(qlora_app/attention.py).")
     seed: int = 42
     log_steps: int = Field(10, ge=1)
     eval_steps: int = Field(50, ge=1)

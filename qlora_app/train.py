@@ -120,13 +120,14 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
+    from qlora_app import attention
     from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
     from qlora_app.model_loading import load_base, lora_config, prepare_for_training
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
     set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
-    model = load_base(recipe)
+    model = load_base(recipe, attention.resolve(recipe.train.attention).implementation)
     prepare_for_training(model, recipe)
     model = get_peft_model(model, lora_config(recipe))
     stopper = GracefulStop()
