@@ -123,6 +123,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     from qlora_app import attention
     from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
     from qlora_app.model_loading import load_base, lora_config, prepare_for_training
+    from qlora_app.throughput import StepTimer
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
@@ -137,7 +138,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
         train_dataset=data.train.to_dataset(),
         eval_dataset=data.eval.to_dataset(),
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run.metrics), CheckpointMarker(), stopper],
+        callbacks=[MetricsLog(run.metrics), CheckpointMarker(), stopper, StepTimer()],
     )
     # trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice). Keep them fp32, peft's
     # default: Adam's small updates survive, and a resumed run (peft reloads adapters in fp32) continues with
@@ -196,7 +197,13 @@ def sft_config(recipe: Recipe, run: RunDir):
         shuffle_dataset=True,
         train_sampling_strategy="sequential",
         disable_tqdm=True,
+        # The loss is only read at log steps: checking it for nan/inf at every micro-step is a host-device sync.
+        logging_nan_inf_filter=False,
+        # Batches are pre-tokenized rows that collate in microseconds: a worker process would cost more than it
+        # hides. Pinned memory lets the copy to the GPU run asynchronously.
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda,
     )
 
