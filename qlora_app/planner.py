@@ -98,7 +98,7 @@ class MemoryPlan:
 
 def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, seq_len: int | None = None,
          gradient_checkpointing: bool | None = None) -> MemoryPlan:
-    batch = batch_size or recipe.train.batch_size
+    batch = batch_size or recipe.train.fixed_batch_size
     seq = seq_len or recipe.data.max_length
     checkpointing = recipe.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     quantized, sixteen = base_weight_bytes(recipe, arch)

@@ -83,7 +83,11 @@ Attention = Literal["auto", "flash", "flex", "sdpa", "eager"]
 class TrainSpec(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        4, description="Micro-batch (rows); auto: the planner's fastest layout for the GPU's free memory, keeping "
+                       "fallback_batch_size x grad_accum rows per update (qlora_app/layout.py).")
+    fallback_batch_size: int = Field(
+        4, ge=1, description="With batch_size: auto, the micro-batch where no GPU can be read (CPU included).")
     grad_accum: int = Field(4, ge=1)
     lr: float = Field(2e-4, gt=0, lt=1)
     lr_scheduler: Scheduler = "constant_with_warmup"
@@ -103,9 +107,21 @@ class TrainSpec(Section):
     save_total_limit: int = Field(3, ge=1)
     report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ("tensorboard",)
 
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be a positive number of rows, or auto")
+        return value
+
+    @property
+    def fixed_batch_size(self) -> int:
+        """The micro-batch a fixed layout uses: batch_size, or the fallback when batch_size is auto."""
+        return self.fallback_batch_size if self.batch_size == "auto" else self.batch_size
+
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.fixed_batch_size * self.grad_accum
 
 
 class MergeSpec(Section):

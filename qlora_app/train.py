@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_app import console
+from qlora_app import console, layout
 from qlora_app.data import Records, load_splits
 from qlora_app.encoding import Encoded, encode, load_tokenizer
 from qlora_app.errors import UserError
@@ -80,9 +80,12 @@ def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     console.note(f"run directory: {run.path}")
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
     manifest["status"] = "running"
+    chosen = layout.from_manifest(manifest["layout"]) if "layout" in manifest else layout.for_this_machine(recipe)
+    console.note(chosen.describe())
+    manifest["layout"] = chosen.to_manifest()
     write_json_atomic(run.manifest, manifest)
 
-    trainer, stopper = build_trainer(recipe, run, data, tokenizer)
+    trainer, stopper = build_trainer(layout.apply(recipe, chosen), run, data, tokenizer)
     if checkpoint is None:
         manifest["losses"]["base_eval_loss"] = trainer.evaluate()["eval_loss"]
     stopper.install()
