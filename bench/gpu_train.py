@@ -77,7 +77,8 @@ def print_comparison(results: dict, params: int) -> None:
     for name, (manifest, metrics) in results.items():
         t, layout = manifest["training"], manifest["layout"]
         steady = t.get("steady_tokens_per_second") or 0
-        print(f"{name:>7}: layout {layout['batch_size']} x {layout['grad_accum']} ckpt {layout['gradient_checkpointing']}"
+        print(f"{name:>7}: layout {layout['batch_size']} x {layout['grad_accum']}"
+              f" ckpt {layout['gradient_checkpointing']}"
               f" | steady {steady:,.0f} tok/s (MFU {steady * 4 * params / peak:.1%})"
               f" | stage {t['stage_tokens_per_second']:,.0f} tok/s"
               f" | peak {t.get('gpu_device_peak_bytes', 0) / 2**30:.2f} GiB")

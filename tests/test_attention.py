@@ -77,7 +77,8 @@ def test_packed_row_trains_like_its_examples_one_by_one(implementation):
     packed_loss, packed_grads = packed_loss_and_gradients(model, rows)
     alone_loss, alone_grads = one_by_one_loss_and_gradients(model, rows)
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-6, atol=1e-6)
-    assert packed_grads.keys() == alone_grads.keys() and len(packed_grads) == 2 * 4 * 2  # A, B x 4 projections x 2 layers
+    # A and B of 4 projections in 2 layers
+    assert packed_grads.keys() == alone_grads.keys() and len(packed_grads) == 2 * 4 * 2
     for name in packed_grads:
         assert packed_grads[name].abs().max() > 0, name
         torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=1e-5, atol=1e-7, msg=name)
