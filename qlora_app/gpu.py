@@ -34,15 +34,22 @@ def nvidia_device_present() -> bool:
     return DEVICE_NODE.exists()
 
 
-def visible_device() -> str | None:
-    """The first GPU CUDA will use (index or UUID), or None when CUDA_VISIBLE_DEVICES hides them all."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    return None if visible in ("", "-1") else visible
+def local_device(index: int | None = None) -> str | None:
+    """The NVML name (index or UUID) of CUDA's device `index` (default: this rank's, LOCAL_RANK, else 0), or
+    None when CUDA_VISIBLE_DEVICES hides it."""
+    index = int(os.environ.get("LOCAL_RANK", "0")) if index is None else index
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(index)
+    entries = [entry.strip() for entry in visible.split(",")]
+    device = entries[index] if index < len(entries) else ""
+    return None if device in ("", "-1") or entries[0] in ("", "-1") else device
 
 
-def query_gpu() -> GpuInfo:
-    """The visible GPU as NVML sees it; never raises."""
-    if visible_device() is None:
+def query_gpu(device: str | None = None) -> GpuInfo:
+    """A GPU as NVML sees it (default: the one this process's CUDA uses); never raises."""
+    device = device or local_device()
+    if device is None:
         return GpuInfo("none")
     try:
         import pynvml
@@ -53,19 +60,18 @@ def query_gpu() -> GpuInfo:
             return GpuInfo("unqueryable", reason=f"NVML failed: {exc or type(exc).__name__}")
         return GpuInfo("none")
     try:
-        return _read(pynvml)
+        return _read(pynvml, device)
     except Exception as exc:
         return GpuInfo("unqueryable", reason=f"NVML failed: {exc or type(exc).__name__}")
     finally:
         pynvml.nvmlShutdown()
 
 
-def _read(pynvml) -> GpuInfo:
-    if not pynvml.nvmlDeviceGetCount():
+def _read(pynvml, device: str) -> GpuInfo:
+    if device.isdigit() and int(device) >= pynvml.nvmlDeviceGetCount():
         return GpuInfo("none")
-    visible = visible_device()
-    handle = (pynvml.nvmlDeviceGetHandleByIndex(int(visible)) if visible.isdigit()
-              else pynvml.nvmlDeviceGetHandleByUUID(visible))
+    handle = (pynvml.nvmlDeviceGetHandleByIndex(int(device)) if device.isdigit()
+              else pynvml.nvmlDeviceGetHandleByUUID(device))
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
     cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # e.g. 13000
     return GpuInfo("ok", name=_text(pynvml.nvmlDeviceGetName(handle)),

@@ -8,11 +8,12 @@ ranks are in sessions of their own, so a terminal's Ctrl-C does not reach them t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
-from qlora_app import console
+from qlora_app import console, layout
 from qlora_app.distributed import Nodes, per_rank_grad_accum, torchrun_args, torchrun_command
 from qlora_app.errors import UserError
 from qlora_app.recipe import Recipe
@@ -58,15 +59,17 @@ def train_on_gpus(recipe: Recipe, root: Path, resume: str | None, gpus: int, nod
     from qlora_app.train import prepare_run
 
     ranks = gpus * nodes.count
-    per_rank = per_rank_grad_accum(recipe.train.grad_accum, ranks)
+    per_rank_grad_accum(recipe.train.grad_accum, ranks)  # refused before anything loads
     run, checkpoint, _, _ = prepare_run(recipe, root, resume, ranks)
-    console.note(f"{ranks} ranks: train.grad_accum {recipe.train.grad_accum} -> {per_rank} per rank, "
-                 f"{recipe.train.batch_size} sequences per rank and micro-batch: "
-                 f"{recipe.train.batch_size * recipe.train.grad_accum} per optimizer update, as on one GPU")
+    chosen = layout.for_run(recipe, run, gpus, ranks)  # once, here: every rank must train the same layout
+    batch, accum = chosen.layout.batch_size, chosen.layout.grad_accum
+    per_rank = per_rank_grad_accum(accum, ranks)
+    console.note(f"{ranks} ranks: accumulation {accum} -> {per_rank} per rank, {batch} sequences per rank and "
+                 f"micro-batch: {batch * accum} per optimizer update, as on one GPU")
     if recipe.train.distributed == "fsdp" and not cuda_present():
         console.warn("train.distributed=fsdp shards across GPUs only (accelerate has no FSDP for CPU ranks): "
                      "these CPU ranks train data parallel, each holding the whole model")
-    rank_args = [str(run.path)] + ([str(checkpoint)] if checkpoint else [])
+    rank_args = [str(run.path), json.dumps(chosen.to_manifest())] + ([str(checkpoint)] if checkpoint else [])
     log_dir = str(run.path / "logs")
     for node in range(1, nodes.count):
         other = Nodes(nodes.count, node, nodes.addr, nodes.port)

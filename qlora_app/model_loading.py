@@ -81,8 +81,9 @@ def default_device_map():
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
 
 
-def load_base(recipe: Recipe) -> PreTrainedModel:
-    """The base model for training: 4-bit (QLoRA) or 16-bit (LoRA), on the GPU when there is one."""
+def load_base(recipe: Recipe, attn_implementation: str | None = None) -> PreTrainedModel:
+    """The base model for training: 4-bit (QLoRA) or 16-bit (LoRA), on the GPU when there is one.
+    attn_implementation: from qlora_app.attention.resolve (None: transformers' default, sdpa)."""
     from transformers import AutoModelForCausalLM
 
     spec = recipe.model
@@ -95,6 +96,7 @@ def load_base(recipe: Recipe) -> PreTrainedModel:
             device_map=default_device_map(),
             trust_remote_code=spec.trust_remote_code,
             use_safetensors=True,
+            attn_implementation=attn_implementation,
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from qlora_app import planner
+from qlora_app import layout, planner
 from qlora_app.architecture import Architecture, load_architecture
 from qlora_app.console import gib, out
 from qlora_app.errors import UserError
@@ -24,8 +24,12 @@ def describe_method(recipe: Recipe) -> str:
 
 def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
     arch = load_architecture(recipe.model)
-    result = planner.plan(recipe, arch, ranks=gpus)
     budget = int(gpu_gib * GiB)
+    if recipe.train.batch_size == "auto":  # plan what train would run on a card with this much free memory
+        chosen = layout.choose_layout(recipe, budget, arch, ranks=gpus)
+        out.print(chosen.describe())
+        recipe = layout.apply(recipe, chosen)
+    result = planner.plan(recipe, arch, ranks=gpus)
     t = recipe.train
     out.print(
         f"[bold]{recipe.name}[/]: {describe_method(recipe)}, LoRA r={recipe.lora.r} on "
@@ -126,7 +130,8 @@ def print_comparison(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: f
 
 
 def print_recipes(gpu_gib: float) -> None:
-    table = Table(title=f"Recipes (peak VRAM from the planner; fits = within {gpu_gib:g} GiB)")
+    table = Table(title=f"Recipes (peak VRAM from the planner, batch_size auto at its fallback batch; fits = within "
+                        f"{gpu_gib:g} GiB)")
     for column in ("recipe", "model", "method", "VRAM GiB", "fits"):
         table.add_column(column, justify="right" if column == "VRAM GiB" else "left", no_wrap=True)
     about = Table.grid(padding=(0, 2))

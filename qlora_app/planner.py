@@ -106,7 +106,7 @@ class MemoryPlan:
 def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, seq_len: int | None = None,
          gradient_checkpointing: bool | None = None, ranks: int = 1) -> MemoryPlan:
     """Peak memory of one GPU when `ranks` GPUs train the recipe together."""
-    batch = batch_size or recipe.train.batch_size
+    batch = batch_size or recipe.train.fixed_batch_size
     seq = seq_len or recipe.data.max_length
     checkpointing = recipe.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     quantized, sixteen = base_weight_bytes(recipe, arch)
@@ -207,18 +207,21 @@ class Layout:
     gradient_checkpointing: bool
 
 
-def fastest_layout(recipe: Recipe, arch: Architecture, budget: int, rows_per_step: int | None = None) -> Layout:
+def fastest_layout(recipe: Recipe, arch: Architecture, budget: int, rows_per_step: int | None = None,
+                   ranks: int = 1) -> Layout:
     """The quickest way to run `rows_per_step` sequences per optimizer step (default: the recipe's batch x
-    accumulation) within `budget` bytes: no recomputation when at least 4 rows (or all of them) fit without
-    it, then the largest batch that fits and divides the rows. Tokens per update stay the recipe's: that is a
-    hyperparameter, not a speed knob."""
+    accumulation) within `budget` bytes per GPU, `ranks` GPUs sharing them: no recomputation when at least 4
+    rows (or all of a rank's) fit without it, then the largest batch that fits and divides a rank's rows.
+    Tokens per update stay the recipe's: that is a hyperparameter, not a speed knob. The accumulation is the
+    whole update's, as on one GPU (each rank runs grad_accum / ranks of it)."""
     rows = rows_per_step or recipe.train.effective_batch
+    per_rank = max(rows // ranks, 1)
     no_ckpt = recipe.with_section("train", gradient_checkpointing=False)
-    batch, checkpointing = largest_batch(no_ckpt, arch, budget), False
-    if batch < min(4, rows):
+    batch, checkpointing = largest_batch(no_ckpt, arch, budget, ranks=ranks), False
+    if batch < min(4, per_rank):
         with_ckpt = recipe.with_section("train", gradient_checkpointing=True)
-        batch, checkpointing = largest_batch(with_ckpt, arch, budget), True
-    batch = max([d for d in range(1, rows + 1) if rows % d == 0 and d <= batch] or [1])
+        batch, checkpointing = largest_batch(with_ckpt, arch, budget, ranks=ranks), True
+    batch = max([d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= batch] or [1])
     return Layout(batch, rows // batch, checkpointing)
 
 

@@ -85,12 +85,17 @@ VllmLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+Attention = Literal["auto", "flash", "flex", "sdpa", "eager"]
 
 
 class TrainSpec(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int | Literal["auto"] = Field(
+        4, description="Micro-batch (rows); auto: the planner's fastest layout for the GPU's free memory, keeping "
+                       "fallback_batch_size x grad_accum rows per update (qlora_app/layout.py).")
+    fallback_batch_size: int = Field(
+        4, ge=1, description="With batch_size: auto, the micro-batch where no GPU can be read (CPU included).")
     grad_accum: int = Field(4, ge=1)
     lr: float = Field(2e-4, gt=0, lt=1)
     lr_scheduler: Scheduler = "constant_with_warmup"
@@ -99,6 +104,10 @@ class TrainSpec(Section):
     max_grad_norm: float = Field(0.3, gt=0)
     optimizer: Optimizer = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    attention: Attention = Field(
+        "auto", description="Attention kernel: flash (hub kernel, CUDA), flex (torch flex_attention, CUDA), sdpa, "
+                            "eager; auto: flash on CUDA when its kernel loads, else flex; sdpa on CPU "
+                            "(qlora_app/attention.py).")
     seed: int = 42
     log_steps: int = Field(10, ge=1)
     eval_steps: int = Field(50, ge=1)
@@ -110,9 +119,21 @@ class TrainSpec(Section):
                            "gradients; fsdp shards the base, the adapters and the optimizer over the GPUs (a model "
                            "larger than one card). One GPU ignores it.")
 
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be a positive number of rows, or auto")
+        return value
+
+    @property
+    def fixed_batch_size(self) -> int:
+        """The micro-batch a fixed layout uses: batch_size, or the fallback when batch_size is auto."""
+        return self.fallback_batch_size if self.batch_size == "auto" else self.batch_size
+
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.fixed_batch_size * self.grad_accum
 
 
 class MergeSpec(Section):

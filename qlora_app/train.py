@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_app import console, distributed
+from qlora_app import console, distributed, layout
 from qlora_app.data import Records, load_splits
 from qlora_app.disk_full import is_disk_full
 from qlora_app.encoding import Encoded, encode, load_tokenizer
@@ -111,7 +111,7 @@ def check_same_ranks(run: RunDir, ranks: int) -> None:
 def train(recipe: Recipe, root: Path, resume: str | None = None) -> RunDir:
     started = time.time()
     run, checkpoint, data, tokenizer = prepare_run(recipe, root, resume)
-    return train_in(recipe, run, checkpoint, data, tokenizer, started)
+    return train_in(recipe, run, checkpoint, data, tokenizer, started, layout.for_run(recipe, run))
 
 
 def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
@@ -131,15 +131,18 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
 
 
 def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: PreparedData, tokenizer,
-             started: float) -> RunDir:
-    """Train into an existing run directory. Under torchrun every rank runs this; rank 0 alone writes."""
+             started: float, chosen: layout.ChosenLayout) -> RunDir:
+    """Train into an existing run directory with the layout chosen for it. Under torchrun every rank runs this
+    (with the launcher's layout); rank 0 alone writes."""
     main, ranks = distributed.is_main(), distributed.world_size()
     free_gpu = query_gpu().free_bytes  # before our own weights take any
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
-    manifest.update(status="running", ranks=ranks)
+    console.note(chosen.describe())
+    manifest.update(status="running", ranks=ranks, layout=chosen.to_manifest())
     if main:
         write_json_atomic(run.manifest, manifest)
 
+    recipe = layout.apply(recipe, chosen)
     trainer, stopper = build_trainer(recipe, run, data, tokenizer)
     # The base's held-out loss, measured by train() itself: an evaluate() before train() would leave accelerate
     # believing the model prepared, and it would then not wrap it in DDP (ranks would never sync gradients).
@@ -195,14 +198,16 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
+    from qlora_app import attention
     from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
     from qlora_app.model_loading import load_base, lora_config, prepare_for_training
+    from qlora_app.throughput import StepTimer
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
     args = sft_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
     set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
-    model = load_base(recipe)
+    model = load_base(recipe, attention.resolve(recipe.train.attention).implementation)
     prepare_for_training(model, recipe)
     model = get_peft_model(model, lora_config(recipe))
     stopper = GracefulStop()
@@ -212,7 +217,7 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
         train_dataset=data.train.to_dataset(),
         eval_dataset=data.eval.to_dataset(),
         processing_class=tokenizer,
-        callbacks=[MetricsLog(run.metrics), CheckpointMarker(run), stopper],
+        callbacks=[MetricsLog(run.metrics), CheckpointMarker(run), stopper, StepTimer()],
     )
     # trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice). Keep them fp32, peft's
     # default: Adam's small updates survive, and a resumed run (peft reloads adapters in fp32) continues with
@@ -273,7 +278,13 @@ def sft_config(recipe: Recipe, run: RunDir):
         shuffle_dataset=True,
         train_sampling_strategy="sequential",
         disable_tqdm=True,
+        # The loss is only read at log steps: checking it for nan/inf at every micro-step is a host-device sync.
+        logging_nan_inf_filter=False,
+        # Batches are pre-tokenized rows that collate in microseconds: a worker process would cost more than it
+        # hides. Pinned memory lets the copy to the GPU run asynchronously.
         dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},
         use_cpu=not cuda,
         **distributed.fsdp_args(recipe),
     )

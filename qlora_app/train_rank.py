@@ -1,12 +1,14 @@
-"""One rank of a multi-GPU training run, as torchrun starts it: python -m qlora_app.train_rank RUN_DIR [CHECKPOINT].
+"""One rank of a multi-GPU training run, as torchrun starts it:
+python -m qlora_app.train_rank RUN_DIR LAYOUT_JSON [CHECKPOINT].
 
-The launching process (qlora_app.launch) has already checked the recipe and data and created RUN_DIR; each
-rank reads the resolved recipe back from it. A rank never prints a traceback: it leaves its one-line error
-(and the traceback) in RUN_DIR/logs/rank-N.error for the launcher to report, and exits non-zero.
+The launching process (qlora_app.launch) has already checked the recipe and data, created RUN_DIR and chosen
+the layout (LAYOUT_JSON, as the manifest records it); each rank reads the resolved recipe back from RUN_DIR.
+A rank never prints a traceback: it leaves its one-line error (and the traceback) in RUN_DIR/logs/rank-N.error for the launcher to report, and exits non-zero.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -39,8 +41,11 @@ def main(argv: list[str]) -> int:
     from qlora_app.encoding import load_tokenizer
     from qlora_app.train import prepare_data, train_in
 
-    run = RunDir(Path(argv[0]))
-    checkpoint = Path(argv[1]) if len(argv) > 1 else None
+    from qlora_app.layout import from_manifest
+
+    recorded = json.loads(argv[1])
+    run, chosen = RunDir(Path(argv[0])), from_manifest(recorded, recorded["reason"])
+    checkpoint = Path(argv[2]) if len(argv) > 2 else None
     if not distributed.is_main():
         console.out.quiet = console.err.quiet = True
     started = time.time()
@@ -48,7 +53,7 @@ def main(argv: list[str]) -> int:
         distributed.bind_device()
         recipe = run.recipe()
         tokenizer = load_tokenizer(recipe)
-        train_in(recipe, run, checkpoint, prepare_data(recipe, tokenizer), tokenizer, started)
+        train_in(recipe, run, checkpoint, prepare_data(recipe, tokenizer), tokenizer, started, chosen)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line for the launcher
         return record_error(run, exc)
     return 0

@@ -1,0 +1,79 @@
+"""train.batch_size: auto, a pure function of (recipe, free GPU memory); `plan` and `train` use the same one."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from qlora_app import layout, planner
+from qlora_app.architecture import load_architecture
+from qlora_app.recipe_loader import load_recipe
+
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    recipe = load_recipe("llama3-8b")
+    assert recipe.train.batch_size == "auto"
+    return recipe, load_architecture(recipe.model)
+
+
+def test_no_gpu_means_the_recipes_fallback_layout(llama3):
+    recipe, _ = llama3
+    chosen = layout.choose_layout(recipe, None)
+    assert chosen.layout == planner.Layout(4, 4, True)
+    assert "fallback" in chosen.describe()
+
+
+@pytest.mark.parametrize("free_gib", [12, 24, 40, 80])
+def test_auto_is_the_planners_fastest_layout_that_fits_keeping_rows_per_update(llama3, free_gib):
+    recipe, arch = llama3
+    chosen = layout.choose_layout(recipe, free_gib * GiB, arch).layout
+    fixed = recipe.with_section("train", batch_size=4)
+    assert chosen == planner.fastest_layout(fixed, arch, free_gib * GiB)
+    assert chosen.batch_size * chosen.grad_accum == 16  # fallback 4 x accumulation 4
+    assert planner.plan(layout.apply(recipe, layout.ChosenLayout(chosen, "")), arch).total <= free_gib * GiB
+
+
+def test_more_memory_buys_a_bigger_batch_then_no_recomputation(llama3):
+    recipe, arch = llama3
+    at = {gib: layout.choose_layout(recipe, gib * GiB, arch).layout for gib in (16, 24, 80)}
+    assert at[16].batch_size < at[24].batch_size and at[24].gradient_checkpointing
+    assert not at[80].gradient_checkpointing
+
+
+def test_a_fixed_batch_is_kept_whatever_the_memory(llama3):
+    recipe, arch = llama3
+    fixed = recipe.with_section("train", batch_size=2, grad_accum=3, gradient_checkpointing=False)
+    for free in (None, 80 * GiB):
+        assert layout.choose_layout(fixed, free, arch).layout == planner.Layout(2, 3, False)
+
+
+def test_this_cpu_machine_trains_auto_with_the_fallback(llama3):
+    recipe, _ = llama3
+    assert layout.for_this_machine(recipe).layout == planner.Layout(4, 4, True)
+
+
+def test_plan_prints_the_layout_train_would_choose(llama3):
+    recipe, arch = llama3
+    result = run_cli("plan", "llama3-8b", "--gpu-memory", "24")
+    assert result.returncode == 0, result.stderr
+    chosen = layout.choose_layout(recipe, 24 * GiB, arch)
+    assert chosen.describe() in result.stdout
+    assert f"batch {chosen.layout.batch_size} x seq 1024" in result.stdout
+
+
+def test_resumed_run_keeps_the_first_sessions_layout():
+    recorded = layout.ChosenLayout(planner.Layout(8, 2, True), "x").to_manifest()
+    assert layout.from_manifest(recorded).layout == planner.Layout(8, 2, True)
+
+
+@pytest.mark.slow
+def test_train_prints_and_records_its_layout(trained_run):
+    from qlora_app.run_dir import RunDir
+
+    recorded = RunDir(trained_run.path).read_manifest()["layout"]
+    assert recorded == {"batch_size": 4, "grad_accum": 1, "gradient_checkpointing": True,
+                        "reason": "as the recipe says"}
+    assert "layout: batch 4 x accumulation 1, gradient checkpointing on (as the recipe says)" in trained_run.stderr
