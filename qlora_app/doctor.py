@@ -29,6 +29,9 @@ TORCH_MATMUL = ("import torch; a = torch.ones(256, 256, device='cuda'); "
 BNB_4BIT = ("import torch, bitsandbytes.functional as F; w = torch.randn(256, 256, device='cuda', "
             "dtype=torch.bfloat16); q, s = F.quantize_4bit(w, quant_type='nf4'); "
             "assert (F.dequantize_4bit(q, s) - w).abs().mean().item() < 0.1; print('nf4 ok')")
+# Loading the kernel downloads it into the HF cache (the pod's volume), so the first training run does not wait.
+FLASH_KERNEL = ("from qlora_app.attention import FLASH_KERNEL, flash_problem; problem = flash_problem(); "
+                "assert problem is None, problem; print(FLASH_KERNEL + ' loaded')")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class KernelCheck:
     name: str
     ok: bool
     detail: str
+    required: bool = True  # False: training works without it, only slower
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,19 @@ def verdict(facts: Facts) -> list[Finding]:
     findings = [Finding("fail", "driver too old", problem) if problem else
                 Finding("ok", f"driver {gpu.driver} runs CUDA {facts.cuda_needed}")]
     findings.append(memory_finding(gpu))
-    findings += [Finding("ok", f"{k.name}: {k.detail}") if k.ok else
-                 Finding("fail", f"{k.name} failed: {k.detail}", "see the line above; run qlora-app doctor after "
-                         "fixing the driver") for k in facts.kernels]
+    findings += [kernel_finding(k) for k in facts.kernels]
     return findings
+
+
+def kernel_finding(check: KernelCheck) -> Finding:
+    if check.ok:
+        return Finding("ok", f"{check.name}: {check.detail}")
+    if not check.required:
+        return Finding("warn", f"{check.name} unavailable: {check.detail}",
+                       "training falls back to torch's flex attention (slower); online, run qlora-app doctor again "
+                       "to fetch the kernel into the HF cache")
+    return Finding("fail", f"{check.name} failed: {check.detail}",
+                   "see the line above; run qlora-app doctor after fixing the driver")
 
 
 def memory_finding(gpu: GpuInfo) -> Finding:
@@ -118,14 +131,14 @@ def wheels_cuda() -> str | None:
     return None
 
 
-def run_kernel(name: str, code: str, timeout: float = KERNEL_TIMEOUT_S) -> KernelCheck:
+def run_kernel(name: str, code: str, timeout: float = KERNEL_TIMEOUT_S, required: bool = True) -> KernelCheck:
     try:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return KernelCheck(name, False, f"no answer within {timeout:.0f} s")
+        return KernelCheck(name, False, f"no answer within {timeout:.0f} s", required)
     lines = (result.stdout if result.returncode == 0 else result.stderr).strip().splitlines()
     detail = lines[-1] if lines else f"exit code {result.returncode}"
-    return KernelCheck(name, result.returncode == 0, detail)
+    return KernelCheck(name, result.returncode == 0, detail, required)
 
 
 def writable(folder: Path) -> bool:
@@ -138,7 +151,8 @@ def gather(runs_dir: Path, kernels: bool = True) -> Facts:
     gpu, cuda_needed = query_gpu(), wheels_cuda()
     checks: tuple[KernelCheck, ...] = ()
     if kernels and gpu.status == "ok" and cuda_needed and not driver_problem(gpu, cuda_needed):
-        checks = (run_kernel("torch CUDA matmul", TORCH_MATMUL), run_kernel("bitsandbytes NF4", BNB_4BIT))
+        checks = (run_kernel("torch CUDA matmul", TORCH_MATMUL), run_kernel("bitsandbytes NF4", BNB_4BIT),
+                  run_kernel("flash attention kernel", FLASH_KERNEL, required=False))
     return Facts(gpu, cuda_needed, checks, runs_dir, writable(runs_dir))
 
 

@@ -89,7 +89,7 @@ def test_qlora_home_puts_runs_and_caches_under_one_folder(tmp_path):
     assert home_environment({}) == {}
     # Through the real CLI: it wins over QLORA_RUNS_DIR (the image sets that one by default).
     result = run_cli("merge", env={"QLORA_HOME": str(tmp_path), "QLORA_RUNS_DIR": "/nonexistent"})
-    assert result.returncode == 2 and f"runs under {tmp_path / 'runs'}" in result.stderr
+    assert result.returncode == 2 and f"no trained run under {tmp_path / 'runs'}" in result.stderr
 
 
 def test_a_runs_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path):
@@ -110,3 +110,16 @@ def test_a_kernel_check_that_hangs_is_cut_off_by_its_timeout():
 
     check = run_kernel("hung driver", "import time; time.sleep(60)", timeout=1)  # stands in for a hung driver
     assert not check.ok and check.detail == "no answer within 1 s"
+
+
+def test_a_flash_kernel_that_cannot_load_is_a_warning_with_the_fallback():
+    """The real check, run here: this CPU environment has no `kernels` package, so the kernel cannot load;
+    training still works (flex attention), so the machine stays ready."""
+    from qlora_app.doctor import FLASH_KERNEL, run_kernel
+
+    check = run_kernel("flash attention kernel", FLASH_KERNEL, required=False)
+    assert not check.ok and "the 'kernels' package is not installed" in check.detail
+    findings = verdict(Facts(gpu(), "13.0", (*KERNELS_OK, check)))
+    assert ready(findings)
+    (warning,) = [f for f in findings if f.level == "warn"]
+    assert warning.what.startswith("flash attention kernel unavailable") and "flex attention" in warning.fix

@@ -77,3 +77,31 @@ def test_train_prints_and_records_its_layout(trained_run):
     assert recorded == {"batch_size": 4, "grad_accum": 1, "gradient_checkpointing": True,
                         "reason": "as the recipe says"}
     assert "layout: batch 4 x accumulation 1, gradient checkpointing on (as the recipe says)" in trained_run.stderr
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_several_ranks_split_the_rows_of_an_update_and_keep_them(llama3, ranks):
+    """A layout for N ranks: each rank's micro-batch divides its share of the rows, the accumulation (the whole
+    update's, as on one GPU) divides over the ranks, and the rows per update stay the recipe's."""
+    from qlora_app.distributed import per_rank_grad_accum
+
+    recipe, arch = llama3
+    chosen = layout.choose_layout(recipe, 80 * GiB, arch, ranks=ranks).layout
+    assert chosen.batch_size * chosen.grad_accum == 16
+    assert (16 // ranks) % chosen.batch_size == 0
+    assert per_rank_grad_accum(chosen.grad_accum, ranks) * ranks * chosen.batch_size == 16
+    single = layout.choose_layout(recipe, 80 * GiB, arch).layout
+    assert chosen.batch_size <= single.batch_size
+
+
+def test_a_rank_reads_its_own_gpu(monkeypatch):
+    from qlora_app.gpu import local_device
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device() == "3" and local_device(0) == "0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,GPU-abc,7,2")
+    assert local_device() == "2" and local_device(1) == "GPU-abc"
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert local_device() is None
