@@ -240,11 +240,12 @@ def health_cmd() -> None:
 
 
 @main.command("doctor")
-@click.option("--no-kernels", is_flag=True, help="Skip loading the CUDA and bitsandbytes kernels.")
+@click.option("--no-kernels", is_flag=True, help="Skip loading the CUDA, bitsandbytes and flash attention kernels.")
 @runs_dir_option
 def doctor_cmd(no_kernels: bool, runs_dir: str | None) -> None:
-    """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, whether torch and
-    bitsandbytes kernels load, whether runs can be written. Exit 0 when ready, 1 when not, with what to do."""
+    """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, whether the torch,
+    bitsandbytes and flash attention kernels load (fetching the last into the HF cache), whether runs can be
+    written. Exit 0 when ready, 1 when not, with what to do."""
     from qlora_app.doctor import doctor
     from qlora_app.run_dir import runs_root
 

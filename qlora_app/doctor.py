@@ -30,8 +30,8 @@ BNB_4BIT = ("import torch, bitsandbytes.functional as F; w = torch.randn(256, 25
             "dtype=torch.bfloat16); q, s = F.quantize_4bit(w, quant_type='nf4'); "
             "assert (F.dequantize_4bit(q, s) - w).abs().mean().item() < 0.1; print('nf4 ok')")
 # Loading the kernel downloads it into the HF cache (the pod's volume), so the first training run does not wait.
-FLASH_KERNEL = ("from qlora_app.attention import FLASH_KERNEL, flash_problem; problem = flash_problem(); "
-                "assert problem is None, problem; print(FLASH_KERNEL + ' loaded')")
+FLASH_LOAD = ("from qlora_app.attention import FLASH_KERNEL, flash_problem; problem = flash_problem(); "
+              "assert problem is None, problem; print(FLASH_KERNEL + ' loaded')")
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def gather(runs_dir: Path, kernels: bool = True) -> Facts:
     checks: tuple[KernelCheck, ...] = ()
     if kernels and gpu.status == "ok" and cuda_needed and not driver_problem(gpu, cuda_needed):
         checks = (run_kernel("torch CUDA matmul", TORCH_MATMUL), run_kernel("bitsandbytes NF4", BNB_4BIT),
-                  run_kernel("flash attention kernel", FLASH_KERNEL, required=False))
+                  run_kernel("flash attention kernel", FLASH_LOAD, required=False))
     return Facts(gpu, cuda_needed, checks, runs_dir, writable(runs_dir))
 
 

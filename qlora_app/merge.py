@@ -94,12 +94,13 @@ def choose_base_weights(recipe: Recipe, losses: AdapterLosses | None) -> tuple[s
     return losses.closest_to_trained()
 
 
-def is_current(run: RunDir, settings: MergeSpec) -> bool:
-    """run/merged was made from the adapter as it is now, with these merge settings."""
+def is_current(run: RunDir, settings: MergeSpec | None = None) -> bool:
+    """run/merged was made from the adapter as it is now, with these merge settings (None: whichever)."""
     if not run.merge_report.is_file() or not (run.adapter / "adapter_model.safetensors").is_file():
         return False
     made = json.loads(run.merge_report.read_text())
-    return (made.get("adapter_sha256"), made.get("settings")) == (adapter_fingerprint(run), settings.model_dump())
+    same_settings = settings is None or made.get("settings") == settings.model_dump()
+    return same_settings and made.get("adapter_sha256") == adapter_fingerprint(run)
 
 
 def adapter_fingerprint(run: RunDir) -> str:
@@ -269,7 +270,7 @@ def card(run: RunDir, staging: Path) -> str:
     """The merged folder's card, naming the folder where it will be published."""
     from qlora_app.model_card import CardFacts, base_license, render
 
-    facts = CardFacts("merged", str(run.path / "merged"), base_license(run.recipe(), fetch=False), staging)
+    facts = CardFacts("merged", str(run.merged), base_license(run.recipe(), fetch=False), staging)
     return render(run, facts)
 
 

@@ -36,24 +36,16 @@ def check_pushable(run: RunDir, kind: Kind) -> Path:
     if status != "finished":
         raise UserError(f"{run.path} has not finished training (status: {status}): finish it with: "
                         f"qlora-app train {run.recipe().name} --resume")
-    source = run.adapter if kind == "adapter" else run.path / "merged"
-    if kind == "merged" and not (source / "config.json").is_file():
+    if kind == "adapter":
+        return run.adapter
+    if not (run.merged / "config.json").is_file():
         raise UserError(f"{run.path} has no merged model: run qlora-app merge {run.path} first, or push --adapter")
-    if kind == "merged":
-        check_merged_current(run, source)
-    return source
+    from qlora_app.merge import is_current
 
-
-def check_merged_current(run: RunDir, merged: Path) -> None:
-    import json
-
-    from qlora_app.merge import adapter_fingerprint
-
-    report = merged / "merge_report.json"
-    made_from = json.loads(report.read_text()).get("adapter_sha256") if report.is_file() else None
-    if made_from != adapter_fingerprint(run):
-        raise UserError(f"{merged} was not made from this run's current adapter: merge again with: "
+    if not is_current(run):
+        raise UserError(f"{run.merged} was not made from this run's current adapter: merge again with: "
                         f"qlora-app merge {run.path}")
+    return run.merged
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -74,8 +66,10 @@ def check_token() -> None:
         raise UserError("no Hugging Face token: export HF_TOKEN=<a write token> or run `hf auth login` first")
 
 
-def plan_upload(run: RunDir, kind: Kind, repo_id: str, fetch_license: bool = True) -> UploadPlan:
-    source = check_pushable(run, kind)
+def plan_upload(run: RunDir, kind: Kind, repo_id: str, fetch_license: bool = True,
+                source: Path | None = None) -> UploadPlan:
+    """What would be uploaded; `source`: the folder check_pushable already returned (else it is checked here)."""
+    source = source or check_pushable(run, kind)
     files = {p.name: p for p in sorted(source.iterdir()) if p.is_file() and p.name not in SKIPPED}
     files["recipe.yaml"] = run.recipe_file
     facts = CardFacts(kind, repo_id, base_license(run.recipe(), fetch_license),
@@ -96,9 +90,9 @@ def stage(plan: UploadPlan, folder: Path) -> Path:
 
 def push(run: RunDir, kind: Kind, repo_id: str, public: bool) -> str:
     check_repo_id(repo_id)
-    check_pushable(run, kind)
+    source = check_pushable(run, kind)
     check_token()
-    plan = plan_upload(run, kind, repo_id)
+    plan = plan_upload(run, kind, repo_id, source=source)
     from huggingface_hub import HfApi
 
     from qlora_app.hub import hub_errors

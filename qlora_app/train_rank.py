@@ -3,7 +3,8 @@ python -m qlora_app.train_rank RUN_DIR LAYOUT_JSON [CHECKPOINT].
 
 The launching process (qlora_app.launch) has already checked the recipe and data, created RUN_DIR and chosen
 the layout (LAYOUT_JSON, as the manifest records it); each rank reads the resolved recipe back from RUN_DIR.
-A rank never prints a traceback: it leaves its one-line error (and the traceback) in RUN_DIR/logs/rank-N.error for the launcher to report, and exits non-zero.
+A rank never prints a traceback: it leaves its one-line error (and the traceback) in RUN_DIR/logs/rank-N.error
+for the launcher to report, and exits non-zero.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def record_error(run: RunDir, exc: BaseException) -> int:
 
 def main(argv: list[str]) -> int:
     from qlora_app.encoding import load_tokenizer
-    from qlora_app.train import prepare_data, train_in
-
     from qlora_app.layout import from_manifest
+    from qlora_app.train import prepare_data, train_in
 
     recorded = json.loads(argv[1])
     run, chosen = RunDir(Path(argv[0])), from_manifest(recorded, recorded["reason"])

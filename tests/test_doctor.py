@@ -115,9 +115,9 @@ def test_a_kernel_check_that_hangs_is_cut_off_by_its_timeout():
 def test_a_flash_kernel_that_cannot_load_is_a_warning_with_the_fallback():
     """The real check, run here: this CPU environment has no `kernels` package, so the kernel cannot load;
     training still works (flex attention), so the machine stays ready."""
-    from qlora_app.doctor import FLASH_KERNEL, run_kernel
+    from qlora_app.doctor import FLASH_LOAD, run_kernel
 
-    check = run_kernel("flash attention kernel", FLASH_KERNEL, required=False)
+    check = run_kernel("flash attention kernel", FLASH_LOAD, required=False)
     assert not check.ok and "the 'kernels' package is not installed" in check.detail
     findings = verdict(Facts(gpu(), "13.0", (*KERNELS_OK, check)))
     assert ready(findings)
