@@ -23,6 +23,9 @@ def describe_method(recipe: Recipe) -> str:
 
 
 def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
+    from qlora_app.distributed import per_rank_grad_accum
+
+    per_rank_grad_accum(recipe.train.grad_accum, gpus)  # what train --gpus refuses, plan refuses alike
     arch = load_architecture(recipe.model)
     budget = int(gpu_gib * GiB)
     if recipe.train.batch_size == "auto":  # plan what train would run on a card with this much free memory

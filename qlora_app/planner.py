@@ -215,7 +215,9 @@ def fastest_layout(recipe: Recipe, arch: Architecture, budget: int, rows_per_ste
     Tokens per update stay the recipe's: that is a hyperparameter, not a speed knob. The accumulation is the
     whole update's, as on one GPU (each rank runs grad_accum / ranks of it)."""
     rows = rows_per_step or recipe.train.effective_batch
-    per_rank = max(rows // ranks, 1)
+    if rows % ranks:
+        raise ValueError(f"{rows} rows per update cannot be split evenly over {ranks} ranks")
+    per_rank = rows // ranks
     no_ckpt = recipe.with_section("train", gradient_checkpointing=False)
     batch, checkpointing = largest_batch(no_ckpt, arch, budget, ranks=ranks), False
     if batch < min(4, per_rank):

@@ -62,6 +62,13 @@ def test_train_refuses_a_batch_it_cannot_keep_before_anything_loads(tmp_path):
     assert not (tmp_path / "tiny").exists()
 
 
+def test_plan_refuses_the_gpu_count_train_would_refuse():
+    """llama3-8b keeps 16 rows per update with grad_accum 4: 3 GPUs cannot share that, in plan as in train."""
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("plan", "llama3-8b", "--gpus", "3"), "train.grad_accum=4 cannot be split over 3")
+
+
 def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
     import torch
 

@@ -94,6 +94,12 @@ def test_several_ranks_split_the_rows_of_an_update_and_keep_them(llama3, ranks):
     assert chosen.batch_size <= single.batch_size
 
 
+def test_rows_that_ranks_cannot_share_have_no_layout(llama3):
+    recipe, arch = llama3
+    with pytest.raises(ValueError, match="16 rows per update cannot be split evenly over 3 ranks"):
+        layout.choose_layout(recipe, 80 * GiB, arch, ranks=3)
+
+
 def test_a_rank_reads_its_own_gpu(monkeypatch):
     from qlora_app.gpu import local_device
 
