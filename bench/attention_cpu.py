@@ -7,7 +7,7 @@ weights and the same row; the median of the per-round ratios is reported, so loa
 machine hits both alike.
 
 Forward passes only: torch 2.13 has no flex_attention backward on CPU (the script shows the error), which is
-why the train stage uses sdpa on CPU and flex/flash only on CUDA (qlora_app/attention.py).
+why the train stage uses sdpa on CPU and flex/flash only on CUDA (qlora_app/train/attention.py).
 
     python bench/attention_cpu.py --rounds 5
 """

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from qlora_app import planner
-from qlora_app.architecture import SHIPPED_DIR, Architecture, load_architecture
-from qlora_app.model_loading import load_base, lora_config, prepare_for_training
-from qlora_app.recipe_loader import load_recipe
+from qlora_app.model.architecture import SHIPPED_DIR, Architecture, load_architecture
+from qlora_app.model.loading import load_base, lora_config, prepare_for_training
+from qlora_app.plan import planner
+from qlora_app.recipe.loader import load_recipe
 
 GiB = 2**30
 

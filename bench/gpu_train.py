@@ -105,9 +105,9 @@ def main() -> None:
 
     from gpu_memory import build_random_model
 
-    from qlora_app.architecture import load_architecture
-    from qlora_app.recipe_loader import load_recipe
-    from qlora_app.tiny_model import materialize
+    from qlora_app.model.architecture import load_architecture
+    from qlora_app.model.tiny import materialize
+    from qlora_app.recipe.loader import load_recipe
 
     recipe = load_recipe(args.recipe)
     model_dir = args.model_dir

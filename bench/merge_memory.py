@@ -1,7 +1,7 @@
 """Peak RAM and time of our streaming merge against the usual path, in one run, on CPU.
 
 The usual path loads the whole bf16 base with transformers, wraps it with peft, calls merge_and_unload and
-saves; ours (`qlora_app.merge.merge_shard`) reads, merges and writes one safetensors shard at a time. Both
+saves; ours (`qlora_app.merge.stage.merge_shard`) reads, merges and writes one safetensors shard at a time. Both
 merge the same random LoRA adapter (r=64 on all projections) into the same random Llama-shaped bf16 model
 of about 1.5 GB saved in 500 MB shards. Each path runs in its own process, so peak RSS is its own.
 
@@ -41,8 +41,8 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
 
 
 def ours(base: Path, adapter: Path, out: Path) -> None:
-    from qlora_app.merge import load_deltas, merge_shard, shard_files
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.merge.stage import load_deltas, merge_shard, shard_files
+    from qlora_app.recipe.loader import load_recipe
 
     recipe = load_recipe("llama3-8b")  # merge.dtype bfloat16; the base weights come from `base`
     config = json.loads((adapter / "adapter_config.json").read_text())

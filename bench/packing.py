@@ -38,7 +38,7 @@ def build_model(workdir: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora_app.tiny_model import materialize
+    from qlora_app.model.tiny import materialize
 
     path = workdir / "model"
     if not (path / "config.json").is_file():
@@ -53,7 +53,7 @@ def build_model(workdir: Path) -> Path:
 
 
 def base_recipe(model: Path, data: Path, overrides: list[str]):
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.recipe.loader import load_recipe
 
     return load_recipe("llama3-8b", [
         f"model.path={model}", f"data.source={data}", "data.format=messages", "data.eval_split=null",
@@ -68,9 +68,9 @@ def run_reference(recipe, workdir: Path) -> dict:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.model_loading import load_base, lora_config, prepare_for_training
-    from qlora_app.train import prepare_data
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.model.loading import load_base, lora_config, prepare_for_training
+    from qlora_app.train.stage import prepare_data
 
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
@@ -109,8 +109,8 @@ def padded_tokens(trainer) -> int:
 
 
 def mean_example_tokens(recipe) -> float:
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.train import prepare_data
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.train.stage import prepare_data
 
     encoded = prepare_data(recipe, load_tokenizer(recipe)).train
     return encoded.tokens / len(encoded.input_ids)
@@ -119,14 +119,14 @@ def mean_example_tokens(recipe) -> float:
 def run_ours(recipe, workdir: Path, budget_gib: float) -> dict:
     import torch
 
-    from qlora_app.run_dir import RunDir
-    from qlora_app.train import train
+    from qlora_app.model.architecture import load_architecture
 
     # The same tokens per optimizer step as the reference (its 16 examples fill about this many packed rows),
     # so both make the same number of updates per epoch: the tokens per update are a hyperparameter, not a
     # speed knob.
-    from qlora_app import planner
-    from qlora_app.architecture import load_architecture
+    from qlora_app.plan import planner
+    from qlora_app.run.directory import RunDir
+    from qlora_app.train.stage import train
 
     rows_per_step = max(1, round(EXAMPLES_PER_STEP * mean_example_tokens(recipe) / recipe.data.max_length))
     layout = planner.fastest_layout(recipe, load_architecture(recipe.model), int(budget_gib * planner.GiB),
@@ -168,7 +168,7 @@ def main() -> None:
           f"{'held-out loss':>14} {'peak GiB':>9}")
     for name in ("reference", "ours"):
         r = results[name]
-        print(f"{name:<10} {r['batch']:>5} {r['grad_accum']:>5} {r['steps']:>5} {str(r['gradient_checkpointing']):>5} "
+        print(f"{name:<10} {r['batch']:>5} {r['grad_accum']:>5} {r['steps']:>5} {r['gradient_checkpointing']!s:>5} "
               f"{r['non_pad_fraction']:>8.3f} "
               f"{r['useful_tokens_per_second']:>13,.0f} {r['eval_loss']:>14.4f} {r['peak_reserved_gib']:>9.2f}")
     print(f"useful tokens/s, ours over reference: {ratio:.2f}x")

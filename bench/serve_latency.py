@@ -25,11 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qlora_app.demo import free_port  # noqa: E402
-from qlora_app.pipeline import ensure_merged, ensure_trained  # noqa: E402
-from qlora_app.recipe_loader import load_recipe  # noqa: E402
-from qlora_app.serve.stage import running  # noqa: E402
-from qlora_app.serve.target import adapter_target, merged_target  # noqa: E402
+from qlora_app.demo import free_port
+from qlora_app.pipeline import ensure_merged, ensure_trained
+from qlora_app.recipe.loader import load_recipe
+from qlora_app.serve.stage import running
+from qlora_app.serve.target import adapter_target, merged_target
 
 QUESTION = [{"role": "user", "content": "What is the capital of Lomito?"}]
 

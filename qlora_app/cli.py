@@ -62,7 +62,7 @@ def main() -> None:
     """
     import os
 
-    from qlora_app.home import home_environment
+    from qlora_app.machine.home import home_environment
 
     os.environ.update(home_environment(os.environ))
 
@@ -71,7 +71,7 @@ def main() -> None:
 @gpu_option
 def recipes_cmd(gpu_memory: float) -> None:
     """List the shipped recipes with their model, method and planned peak VRAM."""
-    from qlora_app.plan_report import print_recipes
+    from qlora_app.plan.report import print_recipes
 
     print_recipes(gpu_memory)
 
@@ -84,7 +84,7 @@ def show_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
 
     RECIPE is a name from recipes/ or a path to a YAML file.
     """
-    from qlora_app.recipe_loader import dump_recipe, load_recipe
+    from qlora_app.recipe.loader import dump_recipe, load_recipe
 
     console.out.print(dump_recipe(load_recipe(recipe, overrides)), markup=False, highlight=False, end="")
 
@@ -104,8 +104,8 @@ def plan_cmd(recipe: str, overrides: tuple[str, ...], gpu_memory: float, compare
     then says whether it fits and the largest batch and sequence length that do.
     RECIPE is a name from recipes/ or a path to a YAML file.
     """
-    from qlora_app.plan_report import print_plan
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.plan.report import print_plan
+    from qlora_app.recipe.loader import load_recipe
 
     print_plan(load_recipe(recipe, overrides), gpu_memory, compare, gpus)
 
@@ -137,10 +137,10 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, gpus:
     # Before torch touches the GPU: with expandable segments the allocator wastes about half as much
     # (docs/gpu-measurements.md), and the planner assumes it.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    from qlora_app.distributed import Nodes
-    from qlora_app.launch import train_stage
-    from qlora_app.recipe_loader import load_recipe
-    from qlora_app.run_dir import runs_root
+    from qlora_app.recipe.loader import load_recipe
+    from qlora_app.run.directory import runs_root
+    from qlora_app.train.distributed import Nodes
+    from qlora_app.train.launch import train_stage
 
     train_stage(load_recipe(recipe, overrides), runs_root(runs_dir), resume, gpus,
                 Nodes(nodes, 0, master_addr, master_port))
@@ -166,8 +166,8 @@ def merge_cmd(run_dir: str | None, recipe_name: str | None, base_weights: str | 
     The base is streamed shard by shard, never loaded whole and never 4-bit; the result carries the training
     tokenizer, chat template and a generation config that stops at end-of-turn, and appears atomically.
     """
-    from qlora_app.merge import merge, merge_settings
-    from qlora_app.run_dir import find_run, runs_root
+    from qlora_app.merge.stage import merge, merge_settings
+    from qlora_app.run.directory import find_run, runs_root
 
     run = find_run(run_dir, recipe_name, runs_root(runs_dir))
     merge(run, merge_settings(run, overrides, base_weights), verify)
@@ -192,7 +192,7 @@ def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, ad
     With --base RECIPE and --adapter NAME=RUN_DIR ...: one base, each LoRA adapter its own model id.
     Set QLORA_API_KEY to require 'Authorization: Bearer <key>' on every route but /health.
     """
-    from qlora_app.run_dir import runs_root
+    from qlora_app.run.directory import runs_root
     from qlora_app.serve.stage import serve_command
 
     serve_command(run_dir, recipe_name, base, adapters, overrides, host, port, runs_root(runs_dir),
@@ -212,8 +212,8 @@ def pipeline_cmd(recipe: str, overrides: tuple[str, ...], host: str | None, port
     is resumed); a merged model is current when it was made from that run's adapter.
     """
     from qlora_app.pipeline import pipeline
-    from qlora_app.recipe_loader import load_recipe
-    from qlora_app.run_dir import runs_root
+    from qlora_app.recipe.loader import load_recipe
+    from qlora_app.run.directory import runs_root
 
     resolved = load_recipe(recipe, overrides)
     pipeline(resolved, runs_root(runs_dir), host or resolved.serve.host, port or resolved.serve.port,
@@ -226,7 +226,7 @@ def pipeline_cmd(recipe: str, overrides: tuple[str, ...], host: str | None, port
 def demo_cmd(port: int | None, runs_dir: str | None) -> None:
     """The tiny built-in recipe through train -> merge -> serve on CPU, asked questions with the openai client."""
     from qlora_app.demo import demo
-    from qlora_app.run_dir import runs_root
+    from qlora_app.run.directory import runs_root
 
     demo(runs_root(runs_dir), port)
 
@@ -246,8 +246,8 @@ def doctor_cmd(no_kernels: bool, runs_dir: str | None) -> None:
     """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, whether the torch,
     bitsandbytes and flash attention kernels load (fetching the last into the HF cache), whether runs can be
     written. Exit 0 when ready, 1 when not, with what to do."""
-    from qlora_app.doctor import doctor
-    from qlora_app.run_dir import runs_root
+    from qlora_app.machine.doctor import doctor
+    from qlora_app.run.directory import runs_root
 
     sys.exit(0 if doctor(runs_root(runs_dir), kernels=not no_kernels) else 1)
 
@@ -256,8 +256,8 @@ def doctor_cmd(no_kernels: bool, runs_dir: str | None) -> None:
 @runs_dir_option
 def pod_cmd(runs_dir: str | None) -> None:
     """Keep this container alive as a pod cloud's machine: the doctor report, what to type, then wait."""
-    from qlora_app.pod import pod
-    from qlora_app.run_dir import runs_root
+    from qlora_app.machine.pod import pod
+    from qlora_app.run.directory import runs_root
 
     pod(runs_root(runs_dir))
 
@@ -277,7 +277,7 @@ def push_cmd(run_dir: str | None, recipe_name: str | None, repo_id: str, merged:
     The token comes from HF_TOKEN or `hf auth login`; an interrupted push resumes when run again.
     """
     from qlora_app.push import push
-    from qlora_app.run_dir import find_run, runs_root
+    from qlora_app.run.directory import find_run, runs_root
 
     push(find_run(run_dir, recipe_name, runs_root(runs_dir)), "merged" if merged else "adapter", repo_id, public)
 

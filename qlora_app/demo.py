@@ -11,11 +11,11 @@ from pathlib import Path
 from rich.table import Table
 
 from qlora_app import console
-from qlora_app.data import load_splits
+from qlora_app.data.sources import load_splits
 from qlora_app.pipeline import ensure_merged, ensure_trained
-from qlora_app.recipe_loader import load_recipe
-from qlora_app.serve.stage import running
+from qlora_app.recipe.loader import load_recipe
 from qlora_app.serve.auth import KEY_ENV
+from qlora_app.serve.stage import running
 from qlora_app.serve.target import merged_target
 
 QUESTIONS = 3

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlora_app import console
-from qlora_app.recipe import Recipe
 from qlora_app.errors import UserError
-from qlora_app.run_dir import RunDir, runs_of
+from qlora_app.recipe.schema import Recipe
+from qlora_app.run.directory import RunDir, runs_of
 
 
 def data_fingerprints(recipe: Recipe) -> tuple[str, str]:
-    from qlora_app.data import load_splits
+    from qlora_app.data.sources import load_splits
 
     train, held_out = load_splits(recipe.data)
     return train.fingerprint, held_out.fingerprint
@@ -42,7 +42,7 @@ def same_training(run: RunDir, recipe: Recipe) -> bool:
 
 
 def ensure_trained(recipe: Recipe, root: Path) -> RunDir:
-    from qlora_app.train import train
+    from qlora_app.train.stage import train
 
     run = reusable_run(recipe, root)
     if run is not None and run.finished:
@@ -56,7 +56,7 @@ def ensure_trained(recipe: Recipe, root: Path) -> RunDir:
 
 def ensure_merged(run: RunDir, recipe: Recipe) -> None:
     """Merge with the merge settings given now; skipped when run/merged was made that way from this adapter."""
-    from qlora_app.merge import is_current, merge
+    from qlora_app.merge.stage import is_current, merge
 
     if is_current(run, recipe.merge):
         console.note(f"merge: skipped, {run.merged} is current (made from this adapter with these settings)")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from qlora_app import console
 from qlora_app.errors import UserError
-from qlora_app.model_card import CardFacts, Kind, base_license, render
-from qlora_app.run_dir import RunDir
+from qlora_app.hub.card import CardFacts, Kind, base_license, render
+from qlora_app.run.directory import RunDir
 
 SKIPPED = ("README.md", "merge_report.json")  # the card replaces the first; the second is summarised in it
 
@@ -40,7 +40,7 @@ def check_pushable(run: RunDir, kind: Kind) -> Path:
         return run.adapter
     if not (run.merged / "config.json").is_file():
         raise UserError(f"{run.path} has no merged model: run qlora-app merge {run.path} first, or push --adapter")
-    from qlora_app.merge import is_current
+    from qlora_app.merge.stage import is_current
 
     if not is_current(run):
         raise UserError(f"{run.merged} was not made from this run's current adapter: merge again with: "
@@ -95,7 +95,7 @@ def push(run: RunDir, kind: Kind, repo_id: str, public: bool) -> str:
     plan = plan_upload(run, kind, repo_id, source=source)
     from huggingface_hub import HfApi
 
-    from qlora_app.hub import hub_errors
+    from qlora_app.hub.access import hub_errors
 
     api = HfApi()
     with tempfile.TemporaryDirectory(prefix=".push-", dir=run.path) as tmp, hub_errors(repo_id):

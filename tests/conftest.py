@@ -51,7 +51,7 @@ def isolated_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from qlora_app.tiny_model import materialize
+    from qlora_app.model.tiny import materialize
 
     return materialize("builtin:tiny-llama")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora_app.encoding import render
+from qlora_app.data.encoding import render
 
 
 @dataclass(frozen=True)

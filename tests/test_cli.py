@@ -2,10 +2,10 @@
 
 import pytest
 import yaml
-
 from conftest import assert_one_line_error, run_cli
+
 from qlora_app import __version__
-from qlora_app.recipe_loader import load_recipe
+from qlora_app.recipe.loader import load_recipe
 
 
 def test_version():
@@ -65,8 +65,8 @@ def test_report_to_a_tracker_that_is_not_installed_is_one_line_before_anything_l
 
 
 def test_out_of_memory_advice_comes_from_the_planner():
-    from qlora_app.plan_report import out_of_memory_advice
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.plan.report import out_of_memory_advice
+    from qlora_app.recipe.loader import load_recipe
 
     recipe = load_recipe("llama3-8b", ["train.batch_size=16", "train.grad_accum=1"])
     advice = out_of_memory_advice(recipe, 20 * 2**30)

@@ -8,7 +8,6 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import REPO, survivors
 
 pytestmark = pytest.mark.slow  # serves a model (vLLM)

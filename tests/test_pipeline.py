@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, assert_one_line_error, run_cli
+
+from qlora_app.machine.atomic import write_json_atomic
 from qlora_app.pipeline import reusable_run
-from qlora_app.recipe_loader import load_recipe
-from qlora_app.atomic import write_json_atomic
-from qlora_app.run_dir import RunDir, point_latest
+from qlora_app.recipe.loader import load_recipe
+from qlora_app.run.directory import RunDir, point_latest
 
 
 @pytest.fixture()
@@ -50,7 +50,7 @@ def test_a_crashed_attempt_hides_neither_latest_nor_the_finished_run(run_copy):
 
 @pytest.mark.slow
 def test_merged_model_is_current_only_for_this_adapter_and_these_merge_settings(run_copy):
-    from qlora_app.merge import adapter_fingerprint, is_current
+    from qlora_app.merge.stage import adapter_fingerprint, is_current
 
     settings = load_recipe("tiny").merge
     assert not is_current(run_copy, settings)  # no merged model yet
@@ -69,7 +69,7 @@ def test_an_interrupted_run_is_resumed_not_restarted(run_copy):
     manifest = run_copy.read_manifest()
     write_json_atomic(run_copy.manifest, {**manifest, "status": "interrupted"})
     code = ("import sys; from pathlib import Path; from qlora_app.pipeline import ensure_trained; "
-            "from qlora_app.recipe_loader import load_recipe; "
+            "from qlora_app.recipe.loader import load_recipe; "
             "print(ensure_trained(load_recipe('tiny'), Path(sys.argv[1])).path)")
     result = subprocess.run([sys.executable, "-c", code, str(run_copy.path.parent.parent)], capture_output=True,
                             text=True, cwd=REPO, timeout=600)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SECRET, assert_one_line_error, run_cli
+
 from qlora_app.push import plan_upload, stage
-from qlora_app.run_dir import RunDir
+from qlora_app.run.directory import RunDir
 
 pytestmark = pytest.mark.slow  # trains (the session's run) and merges
 
@@ -80,7 +80,7 @@ def test_merged_upload_is_the_model_with_a_card_that_reports_the_merge(merged_ru
 
 
 def test_the_merge_stage_writes_the_same_card(merged_run):
-    from qlora_app.model_card import CardFacts, base_license, render
+    from qlora_app.hub.card import CardFacts, base_license, render
 
     merged = merged_run.path / "merged"
     facts = CardFacts("merged", str(merged), base_license(merged_run.recipe(), fetch=False), merged)

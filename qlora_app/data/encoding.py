@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qlora_app import hub
-from qlora_app.data import Records
+from qlora_app.data.sources import Records
 from qlora_app.errors import UserError
-from qlora_app.model_loading import model_location
-from qlora_app.recipe import Recipe
+from qlora_app.hub import access
+from qlora_app.model.loading import model_location
+from qlora_app.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -32,7 +32,7 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     spec = recipe.model
-    with hub.hub_errors(spec.path, spec.revision):
+    with access.hub_errors(spec.path, spec.revision):
         tokenizer = AutoTokenizer.from_pretrained(
             model_location(spec), revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     if spec.chat_template:

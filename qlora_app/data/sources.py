@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_app import hub
 from qlora_app.errors import UserError
-from qlora_app.recipe import DataSpec
+from qlora_app.hub import access
+from qlora_app.recipe.schema import DataSpec
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 FORMAT_COLUMNS = {  # detection order matters: the first whose columns are all present wins
@@ -142,7 +142,7 @@ def _read_table(path: Path) -> list[tuple[str, dict]]:
 def _read_hub(dataset_id: str, split: str) -> list[tuple[str, dict]]:
     import datasets
 
-    with hub.hub_errors(dataset_id, kind="dataset"):
+    with access.hub_errors(dataset_id, kind="dataset"):
         try:
             ds = datasets.load_dataset(dataset_id, split=split)
         except ValueError as exc:

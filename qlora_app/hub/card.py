@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from qlora_app.errors import UserError
-from qlora_app.run_dir import RunDir
+from qlora_app.run.directory import RunDir
 
 Kind = Literal["adapter", "merged"]
 
@@ -46,10 +46,10 @@ def base_license(recipe, fetch: bool = True) -> BaseLicense:
     page = f"https://huggingface.co/{path}"
     if not fetch:
         return BaseLicense("other", page)
-    from qlora_app import hub
+    from qlora_app.hub import access
 
     try:
-        return card_license(hub.fetch_file(path, "README.md", recipe.model.revision), page)
+        return card_license(access.fetch_file(path, "README.md", recipe.model.revision), page)
     except UserError:  # a base without a card: point at its page
         return BaseLicense("other", page)
 
@@ -123,7 +123,7 @@ def usage(recipe, facts: CardFacts) -> str:
 
 
 def vllm_rank(r: int) -> int:
-    from qlora_app.serve.target import VLLM_LORA_RANKS
+    from qlora_app.recipe.schema import VLLM_LORA_RANKS
 
     return min((v for v in VLLM_LORA_RANKS if v >= r), default=r)
 

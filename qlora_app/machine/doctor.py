@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from qlora_app.errors import UserError
-from qlora_app.gpu import GpuInfo, query_gpu
+from qlora_app.machine.gpu import GpuInfo, query_gpu
 
 # The oldest driver branch that runs each CUDA major (minor versions within a major are compatible).
 MIN_DRIVER = {12: "525", 13: "580"}
@@ -30,7 +30,7 @@ BNB_4BIT = ("import torch, bitsandbytes.functional as F; w = torch.randn(256, 25
             "dtype=torch.bfloat16); q, s = F.quantize_4bit(w, quant_type='nf4'); "
             "assert (F.dequantize_4bit(q, s) - w).abs().mean().item() < 0.1; print('nf4 ok')")
 # Loading the kernel downloads it into the HF cache (the pod's volume), so the first training run does not wait.
-FLASH_LOAD = ("from qlora_app.attention import FLASH_KERNEL, flash_problem; problem = flash_problem(); "
+FLASH_LOAD = ("from qlora_app.train.attention import FLASH_KERNEL, flash_problem; problem = flash_problem(); "
               "assert problem is None, problem; print(FLASH_KERNEL + ' loaded')")
 
 

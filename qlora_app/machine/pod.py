@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from qlora_app import console
-from qlora_app.doctor import doctor
+from qlora_app.machine.doctor import doctor
 
 WHAT_TO_TYPE = """\
 what to type (in this pod's terminal; runs in {runs}):

@@ -16,14 +16,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_app import console, hub, tiny_model
-from qlora_app.atomic import clean_stale, staged_dir, write_json_atomic, write_text_atomic
+from qlora_app import console
 from qlora_app.errors import UserError
-from qlora_app.merge_verify import LOGIT_TOLERANCE, AdapterLosses, MergedCheck, adapter_losses, compare_merged
-from qlora_app.model_loading import nf4_round_trip, quantized_weight_names
-from qlora_app.recipe import MergeSpec, Recipe, lora_scaling
-from qlora_app.run_dir import RunDir
-from qlora_app.safetensors_stream import DTYPES, StreamWriter, entries, iter_tensors, read_header
+from qlora_app.hub import access
+from qlora_app.machine.atomic import clean_stale, staged_dir, write_json_atomic, write_text_atomic
+from qlora_app.merge.safetensors_stream import DTYPES, StreamWriter, entries, iter_tensors, read_header
+from qlora_app.merge.verify import LOGIT_TOLERANCE, AdapterLosses, MergedCheck, adapter_losses, compare_merged
+from qlora_app.model import tiny
+from qlora_app.model.loading import nf4_round_trip, quantized_weight_names
+from qlora_app.recipe.schema import MergeSpec, Recipe, lora_scaling
+from qlora_app.run.directory import RunDir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json")
 ADAPTER_PREFIX = "base_model.model."
@@ -72,7 +74,7 @@ def merge(run: RunDir, settings: MergeSpec | None = None, verify: bool = True) -
 
 def merge_settings(run: RunDir, overrides: tuple[str, ...], base_weights: str | None) -> MergeSpec:
     """The run's merge settings with the user's merge.* overrides (and --base-weights) applied."""
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.recipe.loader import load_recipe
 
     others = [o for o in overrides if not o.startswith("merge.")]
     if others:
@@ -185,13 +187,13 @@ def load_deltas(adapter: Path) -> dict[str, Delta]:
 def base_checkpoint(recipe: Recipe) -> Path:
     """A local folder with the base model's safetensors files (downloaded from the Hub if needed)."""
     spec = recipe.model
-    if tiny_model.is_builtin(spec.path):
-        return tiny_model.materialize(spec.path)
+    if tiny.is_builtin(spec.path):
+        return tiny.materialize(spec.path)
     if Path(spec.path).is_dir():
         return Path(spec.path)
     from huggingface_hub import snapshot_download
 
-    with hub.hub_errors(spec.path, spec.revision):
+    with access.hub_errors(spec.path, spec.revision):
         return Path(snapshot_download(spec.path, revision=spec.revision,
                                       allow_patterns=["*.safetensors", "*.json", "tokenizer*"]))
 
@@ -268,7 +270,7 @@ def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -
 
 def card(run: RunDir, staging: Path) -> str:
     """The merged folder's card, naming the folder where it will be published."""
-    from qlora_app.model_card import CardFacts, base_license, render
+    from qlora_app.hub.card import CardFacts, base_license, render
 
     facts = CardFacts("merged", str(run.merged), base_license(run.recipe(), fetch=False), staging)
     return render(run, facts)

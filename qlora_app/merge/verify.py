@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_app.recipe import Recipe
+from qlora_app.recipe.schema import Recipe
 
 MAX_EXAMPLES = 32
 LOGIT_TOLERANCE = 0.05  # relative to the largest logit magnitude; bf16 rounding stays far below
@@ -46,8 +46,8 @@ class MergedCheck:
 
 
 def heldout_examples(recipe: Recipe, tokenizer) -> list[tuple[list[int], list[int]]]:
-    from qlora_app.data import load_splits
-    from qlora_app.encoding import encode
+    from qlora_app.data.encoding import encode
+    from qlora_app.data.sources import load_splits
 
     _, held_out = load_splits(recipe.data)
     encoded = encode(held_out, tokenizer, recipe.data.max_length)
@@ -103,7 +103,7 @@ def dequantize(model, recipe: Recipe, source: Path) -> None:
     """Every weight bitsandbytes quantized in training replaced by dequant(quant(W)): the base the adapter saw."""
     import torch
 
-    from qlora_app.model_loading import nf4_round_trip, quantized_weight_names
+    from qlora_app.model.loading import nf4_round_trip, quantized_weight_names
 
     names = quantized_weight_names(recipe, source)
     with torch.no_grad():
@@ -115,7 +115,7 @@ def dequantize(model, recipe: Recipe, source: Path) -> None:
 def adapter_on_4bit(recipe: Recipe, adapter: Path):
     from peft import PeftModel
 
-    from qlora_app.model_loading import load_base
+    from qlora_app.model.loading import load_base
 
     return PeftModel.from_pretrained(load_base(recipe), adapter).eval()
 

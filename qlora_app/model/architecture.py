@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_app import hub, tiny_model
 from qlora_app.errors import UserError
-from qlora_app.recipe import ModelSpec
+from qlora_app.hub import access
+from qlora_app.model import tiny
+from qlora_app.recipe.schema import ModelSpec
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "architectures"
 SUPPORTED_TYPES = ("llama", "mistral")
@@ -79,8 +80,8 @@ class Architecture:
 
 
 def load_architecture(model: ModelSpec) -> Architecture:
-    if tiny_model.is_builtin(model.path):
-        return _from_file(tiny_model.materialize(model.path) / "config.json")
+    if tiny.is_builtin(model.path):
+        return _from_file(tiny.materialize(model.path) / "config.json")
     local = Path(model.path)
     if local.is_dir():
         config = local / "config.json"
@@ -90,7 +91,7 @@ def load_architecture(model: ModelSpec) -> Architecture:
     shipped = SHIPPED_DIR / (model.path.replace("/", "--") + ".json")
     if shipped.is_file():
         return _from_file(shipped)
-    return _from_file(hub.fetch_file(model.path, "config.json", model.revision))
+    return _from_file(access.fetch_file(model.path, "config.json", model.revision))
 
 
 def _from_file(path: Path) -> Architecture:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from qlora_app import hub, tiny_model
-from qlora_app.recipe import ModelSpec, Recipe
+from qlora_app.hub import access
+from qlora_app.model import tiny
+from qlora_app.recipe.schema import ModelSpec, Recipe
 
 # On CPU bitsandbytes offers to fetch faster kernels from the Hub at every load; the fallback it uses is
 # correct, and the offer is noise in every run's output.
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 def model_location(model: ModelSpec) -> str:
     """What from_pretrained should be given: a built-in model's folder, a local folder, or a hub id."""
-    return str(tiny_model.materialize(model.path)) if tiny_model.is_builtin(model.path) else model.path
+    return str(tiny.materialize(model.path)) if tiny.is_builtin(model.path) else model.path
 
 
 def torch_dtype(name: str):
@@ -87,7 +88,7 @@ def load_base(recipe: Recipe, attn_implementation: str | None = None) -> PreTrai
     from transformers import AutoModelForCausalLM
 
     spec = recipe.model
-    with hub.hub_errors(spec.path, spec.revision):
+    with access.hub_errors(spec.path, spec.revision):
         return AutoModelForCausalLM.from_pretrained(
             model_location(spec),
             revision=spec.revision,

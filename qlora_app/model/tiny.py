@@ -12,10 +12,10 @@ import json
 import os
 from pathlib import Path
 
-from qlora_app.atomic import staged_dir
+from qlora_app.machine.atomic import staged_dir
 
 BUILTIN_PREFIX = "builtin:"
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "tiny"
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>", "<|pad|>"]

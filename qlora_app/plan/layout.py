@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qlora_app import console, planner
-from qlora_app.architecture import Architecture, load_architecture
-from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir
+from qlora_app import console
+from qlora_app.errors import UserError
+from qlora_app.model.architecture import Architecture, load_architecture
+from qlora_app.plan import planner
+from qlora_app.recipe.schema import Recipe
+from qlora_app.run.directory import RunDir
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def for_this_machine(recipe: Recipe, gpus: int = 1, ranks: int = 1) -> ChosenLay
     through NVML (no CUDA context); `ranks` GPUs train together in all."""
     if recipe.train.batch_size != "auto":
         return choose_layout(recipe, None)
-    from qlora_app.gpu import local_device, query_gpu
+    from qlora_app.machine.gpu import local_device, query_gpu
 
     found = [query_gpu(local_device(i)) for i in range(gpus)]
     broken = next((gpu for gpu in found if gpu.status == "unqueryable"), None)
@@ -82,3 +84,12 @@ def from_manifest(recorded: dict, reason: str = "kept from the run's first sessi
     on it)."""
     fields = {k: recorded[k] for k in ("batch_size", "grad_accum", "gradient_checkpointing")}
     return ChosenLayout(planner.Layout(**fields), reason)
+
+
+def per_rank_grad_accum(grad_accum: int, world_size: int) -> int:
+    """Gradient accumulation per rank that keeps the recipe's examples per optimizer update."""
+    if grad_accum % world_size:
+        raise UserError(f"train.grad_accum={grad_accum} cannot be split over {world_size} ranks, so the "
+                        f"recipe's {grad_accum} batches per update cannot be kept: set train.grad_accum to a "
+                        f"multiple of {world_size} (and train.batch_size to match), or use fewer GPUs")
+    return grad_accum // world_size

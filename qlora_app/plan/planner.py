@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora_app.architecture import Architecture
-from qlora_app.recipe import Recipe
+from qlora_app.model.architecture import Architecture
+from qlora_app.recipe.schema import Recipe
 
 GiB = 1024**3
 BLOCK = 64  # bitsandbytes 4-bit block size

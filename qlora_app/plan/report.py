@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from qlora_app import layout, planner
-from qlora_app.architecture import Architecture, load_architecture
 from qlora_app.console import gib, out
 from qlora_app.errors import UserError
-from qlora_app.recipe import Recipe
-from qlora_app.recipe_loader import list_recipes, load_recipe
+from qlora_app.model.architecture import Architecture, load_architecture
+from qlora_app.plan import layout, planner
+from qlora_app.recipe.loader import list_recipes, load_recipe
+from qlora_app.recipe.schema import Recipe
 
 GiB = planner.GiB
 SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -23,9 +23,7 @@ def describe_method(recipe: Recipe) -> str:
 
 
 def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
-    from qlora_app.distributed import per_rank_grad_accum
-
-    per_rank_grad_accum(recipe.train.grad_accum, gpus)  # what train --gpus refuses, plan refuses alike
+    layout.per_rank_grad_accum(recipe.train.grad_accum, gpus)  # what train --gpus refuses, plan refuses alike
     arch = load_architecture(recipe.model)
     budget = int(gpu_gib * GiB)
     if recipe.train.batch_size == "auto":  # plan what train would run on a card with this much free memory

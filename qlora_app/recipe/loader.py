@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from qlora_app.errors import UserError
-from qlora_app.recipe import Recipe
+from qlora_app.recipe.schema import Recipe
 
 PATH_KEYS = (("model", "path"), ("data", "source"), ("data", "eval_split"))
 
@@ -26,7 +26,7 @@ def recipes_dir() -> Path:
     """$QLORA_RECIPES_DIR, else the recipes/ folder of the source tree or image."""
     if env := os.environ.get("QLORA_RECIPES_DIR"):
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"
 
 
 def list_recipes() -> list[str]:

@@ -1,12 +1,12 @@
 """The recipe: one frozen, typed object that every stage receives.
 
-Only qlora_app.recipe_loader reads YAML; everything else takes a Recipe. Unknown keys are errors (a typo
+Only qlora_app.recipe.loader reads YAML; everything else takes a Recipe. Unknown keys are errors (a typo
 must never silently fall back to a default), and defaults are what a 24 GB GPU wants for a 7-8B model.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -82,6 +82,7 @@ class DataSpec(Section):
 
 # The ranks vLLM's --max-lora-rank accepts.
 VllmLoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+VLLM_LORA_RANKS = get_args(VllmLoraRank)  # the ranks vLLM's --max-lora-rank accepts
 
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]

@@ -23,15 +23,15 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from qlora_app import console
-from qlora_app.atomic import write_text_atomic
 from qlora_app.errors import UserError
-from qlora_app.recipe import Recipe
-from qlora_app.recipe_loader import dump_recipe, load_recipe
+from qlora_app.machine.atomic import write_text_atomic
+from qlora_app.recipe.loader import dump_recipe, load_recipe
+from qlora_app.recipe.schema import Recipe
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -119,11 +119,11 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 def file_stamp() -> str:
     """UTC time for names of run directories and logs: sorts by time, no characters a shell minds."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
 
 
 def utc_timestamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def latest_run(recipe_name: str, root: Path) -> RunDir | None:

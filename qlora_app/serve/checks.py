@@ -8,9 +8,9 @@ import importlib.util
 import ipaddress
 import socket
 
-from qlora_app.architecture import Architecture
 from qlora_app.errors import UserError
-from qlora_app.planner import CUDA_CONTEXT, GiB
+from qlora_app.model.architecture import Architecture
+from qlora_app.plan.planner import CUDA_CONTEXT, GiB
 from qlora_app.serve.auth import KEY_ENV
 from qlora_app.serve.target import ServeTarget
 

@@ -18,17 +18,24 @@ from pathlib import Path
 from rich.table import Table
 
 from qlora_app import console
-from qlora_app.architecture import load_architecture
-from qlora_app.doctor import check_driver
 from qlora_app.errors import UserError
-from qlora_app.gpu import query_gpu
-from qlora_app.run_dir import file_stamp
+from qlora_app.machine.doctor import check_driver
+from qlora_app.machine.gpu import query_gpu
+from qlora_app.model.architecture import load_architecture
+from qlora_app.run.directory import file_stamp
 from qlora_app.serve.auth import KEY_ENV
-from qlora_app.serve.checks import (check_fits, check_listen, check_max_len, check_port_free,
-                                    check_vllm_installed, is_loopback, serve_weight_bytes)
+from qlora_app.serve.checks import (
+    check_fits,
+    check_listen,
+    check_max_len,
+    check_port_free,
+    check_vllm_installed,
+    is_loopback,
+    serve_weight_bytes,
+)
+from qlora_app.serve.command import Listen, vllm_command
 from qlora_app.serve.process import VllmServer, local_url
 from qlora_app.serve.target import ServeTarget
-from qlora_app.serve.command import Listen, vllm_command
 
 STARTUP_TIMEOUT_S = 30 * 60  # an 8B model downloaded on first use can take this long
 
@@ -96,8 +103,8 @@ def serve_command(run_dir: str | None, recipe_name: str | None, base: str | None
                   overrides: tuple[str, ...], host: str | None, port: int | None, root: Path,
                   allow_unauthenticated: bool = False) -> None:
     """`qlora-app serve`: a run's merged model, or adapter mode (--base with --adapter), from the CLI's words."""
-    from qlora_app.recipe_loader import load_recipe
-    from qlora_app.run_dir import find_run
+    from qlora_app.recipe.loader import load_recipe
+    from qlora_app.run.directory import find_run
     from qlora_app.serve.target import adapter_target, merged_target, parse_adapters
 
     if base or adapters:

@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 from qlora_app.errors import UserError
-from qlora_app.recipe import ALL_LINEAR, Recipe, VllmLoraRank
-from qlora_app.run_dir import RunDir
+from qlora_app.recipe.schema import ALL_LINEAR, VLLM_LORA_RANKS, Recipe
+from qlora_app.run.directory import RunDir
 
 # What vLLM 0.32 applies LoRA to in Llama and Mistral models (every linear projection); an adapter on anything
 # else would be loaded without error and ignored for those modules (vLLM has served the bare base silently).
 VLLM_LORA_MODULES = ALL_LINEAR
-VLLM_LORA_RANKS = get_args(VllmLoraRank)
 
 
 @dataclass(frozen=True)
@@ -83,7 +81,7 @@ def adapter_target(base: Recipe, adapters: dict[str, RunDir]) -> ServeTarget:
         if (adapter.path / "chat_template.jinja").read_text() != (first / "chat_template.jinja").read_text():
             raise UserError(f"adapters '{found[0].name}' and '{adapter.name}' were trained with different chat "
                             "templates: serve them from separate servers")
-    from qlora_app.model_loading import model_location
+    from qlora_app.model.loading import model_location
 
     model = model_location(base.model)
     revision = None if Path(model).is_dir() else base.model.revision

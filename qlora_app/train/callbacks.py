@@ -13,8 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 from qlora_app.console import err
-from qlora_app.distributed import barrier, max_over_ranks
-from qlora_app.run_dir import COMPLETE_MARKER, RunDir
+from qlora_app.run.directory import COMPLETE_MARKER, RunDir
+from qlora_app.train.distributed import barrier, max_over_ranks
 
 
 class ProgressBar(TrainerCallback):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from qlora_app.errors import UserError
 
-RANK_MODULE = "qlora_app.train_rank"
+RANK_MODULE = "qlora_app.train.rank"
 # How long torchrun waits, after forwarding SIGTERM/SIGINT, for the ranks to finish their step and save the
 # checkpoint before it kills them.
 GRACE_SECONDS = 300
@@ -53,13 +53,6 @@ def torchrun_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str
     return [python, "-m", "torch.distributed.run", *torchrun_args(gpus, nodes, rank_args, log_dir)]
 
 
-def per_rank_grad_accum(grad_accum: int, world_size: int) -> int:
-    """Gradient accumulation per rank that keeps the recipe's examples per optimizer update."""
-    if grad_accum % world_size:
-        raise UserError(f"train.grad_accum={grad_accum} cannot be split over {world_size} ranks, so the "
-                        f"recipe's {grad_accum} batches per update cannot be kept: set train.grad_accum to a "
-                        f"multiple of {world_size} (and train.batch_size to match), or use fewer GPUs")
-    return grad_accum // world_size
 
 
 def fsdp_args(recipe) -> dict:

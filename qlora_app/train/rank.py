@@ -1,7 +1,7 @@
 """One rank of a multi-GPU training run, as torchrun starts it:
-python -m qlora_app.train_rank RUN_DIR LAYOUT_JSON [CHECKPOINT].
+python -m qlora_app.train.rank RUN_DIR LAYOUT_JSON [CHECKPOINT].
 
-The launching process (qlora_app.launch) has already checked the recipe and data, created RUN_DIR and chosen
+The launching process (qlora_app.train.launch) has already checked the recipe and data, created RUN_DIR and chosen
 the layout (LAYOUT_JSON, as the manifest records it); each rank reads the resolved recipe back from RUN_DIR.
 A rank never prints a traceback: it leaves its one-line error (and the traceback) in RUN_DIR/logs/rank-N.error
 for the launcher to report, and exits non-zero.
@@ -15,9 +15,10 @@ import time
 import traceback
 from pathlib import Path
 
-from qlora_app import console, distributed
+from qlora_app import console
 from qlora_app.errors import UserError
-from qlora_app.run_dir import RunDir
+from qlora_app.run.directory import RunDir
+from qlora_app.train import distributed
 
 
 def error_file(run: RunDir, rank: int) -> Path:
@@ -39,9 +40,9 @@ def record_error(run: RunDir, exc: BaseException) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.layout import from_manifest
-    from qlora_app.train import prepare_data, train_in
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.plan.layout import from_manifest
+    from qlora_app.train.stage import prepare_data, train_in
 
     recorded = json.loads(argv[1])
     run, chosen = RunDir(Path(argv[0])), from_manifest(recorded, recorded["reason"])

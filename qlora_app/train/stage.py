@@ -15,17 +15,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_app import console, distributed, layout
-from qlora_app.data import Records, load_splits
-from qlora_app.disk_full import is_disk_full
-from qlora_app.encoding import Encoded, encode, load_tokenizer
-from qlora_app.doctor import check_driver
+from qlora_app import console
+from qlora_app.data.encoding import Encoded, encode, load_tokenizer
+from qlora_app.data.sources import Records, load_splits
 from qlora_app.errors import UserError
-from qlora_app.gpu import query_gpu
-from qlora_app.plan_report import out_of_memory_advice
-from qlora_app.recipe import Recipe
-from qlora_app.atomic import write_json_atomic
-from qlora_app.run_dir import RunDir, checkpoint_step, latest_run, utc_timestamp
+from qlora_app.machine.atomic import write_json_atomic
+from qlora_app.machine.disk_full import is_disk_full
+from qlora_app.machine.doctor import check_driver
+from qlora_app.machine.gpu import query_gpu
+from qlora_app.plan import layout
+from qlora_app.plan.report import out_of_memory_advice
+from qlora_app.recipe.schema import Recipe
+from qlora_app.run.directory import RunDir, checkpoint_step, latest_run, utc_timestamp
+from qlora_app.train import distributed
 
 PAGED_OR_8BIT = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit")
 
@@ -175,12 +177,12 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
             f"{trainer.state.global_step}; {last[-1].name if last else 'no checkpoint'} saved in {run.checkpoints}; "
             f"continue with: {again}", stopper.received)
 
-    from qlora_app import train_outputs
+    from qlora_app.train import outputs
 
     final_eval = trainer.evaluate()["eval_loss"]
     if main:
-        train_outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
-        train_outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
+        outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
+        outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
     return run
 
 
@@ -198,10 +200,10 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
-    from qlora_app import attention
-    from qlora_app.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
-    from qlora_app.model_loading import load_base, lora_config, prepare_for_training
-    from qlora_app.throughput import StepTimer
+    from qlora_app.model.loading import load_base, lora_config, prepare_for_training
+    from qlora_app.train import attention
+    from qlora_app.train.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
+    from qlora_app.train.throughput import StepTimer
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
@@ -249,7 +251,7 @@ def sft_config(recipe: Recipe, run: RunDir):
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=distributed.per_rank_grad_accum(t.grad_accum, distributed.world_size()),
+        gradient_accumulation_steps=layout.per_rank_grad_accum(t.grad_accum, distributed.world_size()),
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
@@ -296,7 +298,7 @@ def tokens_per_step(trainer, recipe: Recipe) -> float:
 
 
 def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer) -> dict:
-    from qlora_app.train_outputs import environment
+    from qlora_app.train.outputs import environment
 
     eot = data.train.end_of_turn_id
     return {

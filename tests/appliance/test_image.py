@@ -11,13 +11,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import lint
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from conftest import lint
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 GPU_IN = REPO / "requirements" / "gpu.in"
 GPU_LOCK = REPO / "requirements" / "gpu.lock"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"qlora-app:{VERSION}"
 SECRETS = {"HF_TOKEN": "hf_secretvalue", "QLORA_API_KEY": "sk-secret"}

@@ -6,11 +6,11 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import assert_one_line_error, run_cli, tiny_facts
-from qlora_app.data import load_splits
-from qlora_app.encoding import encode, load_tokenizer
-from qlora_app.recipe_loader import load_recipe
+
+from qlora_app.data.encoding import encode, load_tokenizer
+from qlora_app.data.sources import load_splits
+from qlora_app.recipe.loader import load_recipe
 
 FACTS = tiny_facts()[:12]
 FORMATS = {
@@ -83,8 +83,8 @@ def test_length_limit_drops_long_chats_and_says_how_many(tmp_path, tokenizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_format_trains(tmp_path, fmt):
-    from qlora_app.run_dir import RunDir
-    from qlora_app.train import train
+    from qlora_app.run.directory import RunDir
+    from qlora_app.train.stage import train
 
     recipe = recipe_for(write(tmp_path / f"{fmt}.jsonl", FORMATS[fmt]), "train.max_steps=4", "train.save_steps=2",
                         "train.eval_steps=2", "train.log_steps=1")
@@ -136,8 +136,8 @@ def test_every_example_too_long(tmp_path):
 
 @pytest.mark.slow
 def test_unpacked_training_reports_its_padding(tmp_path):
-    from qlora_app.run_dir import RunDir
-    from qlora_app.train import train
+    from qlora_app.run.directory import RunDir
+    from qlora_app.train.stage import train
 
     rows = FORMATS["messages"] + [{"messages": [{"role": "user", "content": "word " * n},
                                                 {"role": "assistant", "content": "ok"}]} for n in (5, 15, 30, 45, 60)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_app.atomic import _exchange, clean_stale, staged_dir, write_text_atomic
+from qlora_app.machine.atomic import _exchange, clean_stale, staged_dir, write_text_atomic
 
 
 def test_a_replaced_folder_is_swapped_in_one_step(tmp_path):

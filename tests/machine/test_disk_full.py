@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_app.disk_full import is_disk_full
+from qlora_app.machine.disk_full import is_disk_full
 
 TENSORS = {"weight": torch.zeros(1 << 21)}  # 8 MiB, on a 4 MiB disk: more than the 1 MiB "almost full" margin
 

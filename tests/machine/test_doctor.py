@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
-from qlora_app.doctor import Facts, KernelCheck, driver_problem, ready, verdict, wheels_cuda
-from qlora_app.gpu import GpuInfo
-from qlora_app.home import home_environment
+
+from qlora_app.machine.doctor import Facts, KernelCheck, driver_problem, ready, verdict, wheels_cuda
+from qlora_app.machine.gpu import GpuInfo
+from qlora_app.machine.home import home_environment
 
 GIB = 2**30
 
@@ -68,7 +68,7 @@ def test_wheels_cuda_reads_torch_without_importing_it():
     import subprocess
     import sys
 
-    code = ("import sys; from qlora_app.doctor import wheels_cuda; c = wheels_cuda(); loaded = 'torch' in "
+    code = ("import sys; from qlora_app.machine.doctor import wheels_cuda; c = wheels_cuda(); loaded = 'torch' in "
             "sys.modules; import torch; print(c == torch.version.cuda, loaded)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["True", "False"]
     assert wheels_cuda() is None  # this machine's torch is the +cpu build
@@ -99,14 +99,14 @@ def test_a_runs_folder_that_cannot_be_written_is_named_with_the_fix(tmp_path):
 
 
 def test_a_kernel_check_reports_the_failure_line_of_its_subprocess():
-    from qlora_app.doctor import TORCH_MATMUL, run_kernel
+    from qlora_app.machine.doctor import TORCH_MATMUL, run_kernel
 
     check = run_kernel("torch CUDA matmul", TORCH_MATMUL)  # this torch has no CUDA: the real failure
     assert not check.ok and "CUDA" in check.detail and "\n" not in check.detail
 
 
 def test_a_kernel_check_that_hangs_is_cut_off_by_its_timeout():
-    from qlora_app.doctor import run_kernel
+    from qlora_app.machine.doctor import run_kernel
 
     check = run_kernel("hung driver", "import time; time.sleep(60)", timeout=1)  # stands in for a hung driver
     assert not check.ok and check.detail == "no answer within 1 s"
@@ -115,7 +115,7 @@ def test_a_kernel_check_that_hangs_is_cut_off_by_its_timeout():
 def test_a_flash_kernel_that_cannot_load_is_a_warning_with_the_fallback():
     """The real check, run here: this CPU environment has no `kernels` package, so the kernel cannot load;
     training still works (flex attention), so the machine stays ready."""
-    from qlora_app.doctor import FLASH_LOAD, run_kernel
+    from qlora_app.machine.doctor import FLASH_LOAD, run_kernel
 
     check = run_kernel("flash attention kernel", FLASH_LOAD, required=False)
     assert not check.ok and "the 'kernels' package is not installed" in check.detail

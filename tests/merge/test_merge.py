@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, assert_one_line_error, run_cli, tiny_facts
-from qlora_app.recipe_loader import load_recipe
+
+from qlora_app.recipe.loader import load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_a_plain_lora_run_is_never_merged_into_nf4_rounded_weights(tmp_path, tra
     recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
     recipe["quantization"]["enabled"] = False
     (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    from qlora_app.run_dir import RunDir
+    from qlora_app.run.directory import RunDir
 
     RunDir(copy).mark_latest()  # and merge with no run named takes the latest run of any recipe
     result = run_cli("merge", "--runs-dir", str(tmp_path), "--base-weights", "dequantized")
@@ -93,7 +93,7 @@ def test_a_plain_lora_run_is_never_merged_into_nf4_rounded_weights(tmp_path, tra
 
 @pytest.mark.slow
 def test_the_check_refuses_a_base_it_cannot_compare(trained_run, tiny_model_dir):
-    from qlora_app.merge_verify import compare_merged
+    from qlora_app.merge.verify import compare_merged
 
     lora = load_recipe("tiny", ["quantization.enabled=false"])
     for kind in ("auto", "dequantized"):
@@ -105,7 +105,7 @@ def test_dequantized_weights_are_exactly_the_ones_bitsandbytes_quantizes(tiny_mo
     """Every 4-bit weight of the training model is rounded in a dequantized merge, and nothing else."""
     import bitsandbytes as bnb
 
-    from qlora_app.model_loading import load_base, quantized_weight_names
+    from qlora_app.model.loading import load_base, quantized_weight_names
 
     recipe = load_recipe("tiny")
     trained_in_4bit = {f"{name}.weight" for name, module in load_base(recipe).named_modules()
@@ -117,9 +117,8 @@ def test_dequantized_weights_are_exactly_the_ones_bitsandbytes_quantizes(tiny_mo
 
 @pytest.mark.slow
 def test_merged_model_answers_like_the_adapter_and_stops(merged):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     from generate import answer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -148,7 +147,7 @@ def test_merged_folder_loads_with_plain_transformers_without_peft(merged):
 def test_chat_template_and_stop_ids_are_the_training_ones(merged, trained_run):
     from transformers import AutoTokenizer
 
-    from qlora_app.encoding import encode_chat, load_tokenizer
+    from qlora_app.data.encoding import encode_chat, load_tokenizer
 
     training = load_tokenizer(load_recipe(str(trained_run.path / "recipe.yaml")))
     served = AutoTokenizer.from_pretrained(merged)

@@ -1,7 +1,7 @@
 import torch
 from safetensors.torch import load_file, save_file
 
-from qlora_app.safetensors_stream import StreamWriter, iter_tensors
+from qlora_app.merge.safetensors_stream import StreamWriter, iter_tensors
 
 
 def test_stream_reader_and_writer_agree_with_the_safetensors_library(tmp_path):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
-from qlora_app import layout, planner
-from qlora_app.architecture import load_architecture
-from qlora_app.recipe_loader import load_recipe
+
+from qlora_app.model.architecture import load_architecture
+from qlora_app.plan import layout, planner
+from qlora_app.recipe.loader import load_recipe
 
 GiB = 2**30
 
@@ -71,7 +71,7 @@ def test_resumed_run_keeps_the_first_sessions_layout():
 
 @pytest.mark.slow
 def test_train_prints_and_records_its_layout(trained_run):
-    from qlora_app.run_dir import RunDir
+    from qlora_app.run.directory import RunDir
 
     recorded = RunDir(trained_run.path).read_manifest()["layout"]
     assert recorded == {"batch_size": 4, "grad_accum": 1, "gradient_checkpointing": True,
@@ -83,7 +83,7 @@ def test_train_prints_and_records_its_layout(trained_run):
 def test_several_ranks_split_the_rows_of_an_update_and_keep_them(llama3, ranks):
     """A layout for N ranks: each rank's micro-batch divides its share of the rows, the accumulation (the whole
     update's, as on one GPU) divides over the ranks, and the rows per update stay the recipe's."""
-    from qlora_app.distributed import per_rank_grad_accum
+    from qlora_app.plan.layout import per_rank_grad_accum
 
     recipe, arch = llama3
     chosen = layout.choose_layout(recipe, 80 * GiB, arch, ranks=ranks).layout
@@ -101,7 +101,7 @@ def test_rows_that_ranks_cannot_share_have_no_layout(llama3):
 
 
 def test_a_rank_reads_its_own_gpu(monkeypatch):
-    from qlora_app.gpu import local_device
+    from qlora_app.machine.gpu import local_device
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "3")

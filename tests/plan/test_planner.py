@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_app import planner
-from qlora_app.architecture import Architecture
-from qlora_app.recipe_loader import load_recipe
+from qlora_app.model.architecture import Architecture
+from qlora_app.plan import planner
+from qlora_app.recipe.loader import load_recipe
 
 GiB = planner.GiB
 
@@ -101,7 +101,7 @@ def test_nf4_bytes_is_about_4_13_bits_per_weight_with_double_quant():
 
 def test_llama3_8b_figures():
     recipe = load_recipe("llama3-8b")
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
     arch = load_architecture(recipe.model)
     assert arch.total_params == pytest.approx(8.03e9, rel=0.01)
@@ -113,7 +113,7 @@ def test_llama3_8b_figures():
 
 
 def test_checkpointing_cuts_activations_and_planner_is_linear_in_batch():
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
     recipe = load_recipe("llama3-8b")
     arch = load_architecture(recipe.model)
@@ -132,23 +132,23 @@ def test_readme_recipe_table_matches_the_planner():
     import re
     from pathlib import Path
 
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    rows = re.findall(r"^\| `([\w.-]+)` \|.*\| ([\d.]+) \|$", readme, flags=re.M)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| `([\w.-]+)` \|.*\| ([\d.]+) \|$", readme, flags=re.MULTILINE)
     assert len(rows) >= 4
     for name, figure in rows:
         recipe = load_recipe(name)
         assert f"{planner.plan(recipe, load_architecture(recipe.model)).total / 2**30:.2f}" == figure, name
 
 
-MEASUREMENTS = Path(__file__).resolve().parent.parent / "docs" / "measurements"
+MEASUREMENTS = Path(__file__).resolve().parents[2] / "docs" / "measurements"
 
 
 @pytest.mark.parametrize("measurement", ["h100-llama3-8b-qlora-fused.json", "h100-llama3-8b-lora-bf16-fused.json"])
 def test_planner_matches_training_steps_measured_on_a_gpu(measurement):
     """docs/gpu-measurements.md: bare training steps (bench/gpu_memory.py) on an H100 vs today's planner."""
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
     data = json.loads((MEASUREMENTS / measurement).read_text())
     recipe = load_recipe(data["recipe"])
@@ -162,7 +162,7 @@ def test_planner_matches_training_steps_measured_on_a_gpu(measurement):
 
 def test_planner_matches_the_train_stage_measured_on_a_gpu():
     """The whole train stage (bench/gpu_train.py) on the llama3-8b recipe's shape, H100."""
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
     manifest = json.loads((MEASUREMENTS / "train-stage-h100" / "manifest.json").read_text())
     recipe = load_recipe("llama3-8b")
@@ -171,7 +171,7 @@ def test_planner_matches_the_train_stage_measured_on_a_gpu():
 
 
 def test_fastest_layout_keeps_tokens_per_update_and_fits():
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
     budget = 24 * 2**30
     for name in ("llama3-8b", "llama2-7b", "mistral-7b"):
@@ -189,7 +189,7 @@ def test_fastest_layout_keeps_tokens_per_update_and_fits():
 
 
 def test_fsdp_shards_weights_lora_and_optimizer_per_gpu_and_counts_the_cards():
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
 
     recipe = load_recipe("llama3-70b")
     arch = load_architecture(recipe.model)

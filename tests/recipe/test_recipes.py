@@ -2,8 +2,8 @@ import pytest
 import yaml
 
 from qlora_app.errors import UserError
-from qlora_app.recipe import ALL_LINEAR
-from qlora_app.recipe_loader import dump_recipe, list_recipes, load_recipe, recipes_dir
+from qlora_app.recipe.loader import dump_recipe, list_recipes, load_recipe, recipes_dir
+from qlora_app.recipe.schema import ALL_LINEAR
 
 
 def test_shipped_recipes_are_all_there():
@@ -128,7 +128,7 @@ def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path):
 def test_builtin_tiny_model_is_built_deterministically(tmp_path, monkeypatch, tiny_model_dir):
     import hashlib
 
-    from qlora_app.tiny_model import materialize
+    from qlora_app.model.tiny import materialize
 
     monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path))
     again = materialize("builtin:tiny-llama")

@@ -11,12 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, free_port, run_cli
+
 from qlora_app.errors import UserError
-from qlora_app.recipe_loader import load_recipe
-from qlora_app.serve.target import Adapter, ServeTarget, unsupported
+from qlora_app.recipe.loader import load_recipe
 from qlora_app.serve.command import AUTH_MIDDLEWARE, Listen, vllm_command
+from qlora_app.serve.target import Adapter, ServeTarget, unsupported
 
 KEY = "sk-unit-test-key-0123456789"
 
@@ -91,7 +91,7 @@ def test_a_plain_lora_adapter_is_servable():
 
 
 def test_memory_check_uses_kv_cache_for_the_full_length():
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
     from qlora_app.serve.checks import check_fits, serve_weight_bytes
 
     GiB = 1024**3
@@ -144,7 +144,7 @@ def test_a_model_without_its_training_chat_template_is_refused_before_vllm_start
 
 @pytest.mark.slow
 def test_serve_without_a_run_takes_the_latest_run_of_any_recipe(bare_run):
-    from qlora_app.run_dir import RunDir
+    from qlora_app.run.directory import RunDir
 
     RunDir(bare_run).mark_latest()
     result = run_cli("serve", "--runs-dir", str(bare_run.parent.parent), "--port", str(free_port()))
@@ -155,9 +155,9 @@ def test_serve_without_a_run_takes_the_latest_run_of_any_recipe(bare_run):
 def test_a_gpu_nvml_cannot_read_is_not_taken_for_no_gpu(bare_run, tmp_path, monkeypatch, capsys):
     """On this machine NVML really is missing; with an NVIDIA device node present that means a broken GPU
     setup, not a CPU machine: vLLM keeps its GPU settings and the user is warned once."""
-    from qlora_app import gpu
-    from qlora_app.recipe_loader import load_recipe
-    from qlora_app.run_dir import RunDir
+    from qlora_app.machine import gpu
+    from qlora_app.recipe.loader import load_recipe
+    from qlora_app.run.directory import RunDir
     from qlora_app.serve.stage import preflight
     from qlora_app.serve.target import merged_target
 
@@ -280,6 +280,7 @@ def test_health_fails_while_a_server_here_does_not_answer(tmp_path):
 def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
     """vLLM's engine runs in child processes; if vLLM itself dies, stop() still clears its process group."""
     from conftest import processes_matching, survivors
+
     from qlora_app.serve.process import VllmServer
 
     marker = f"sleep 312.{os.getpid()}"
@@ -302,8 +303,8 @@ def guarded(monkeypatch):
     from qlora_app.serve.auth import RequireApiKey
 
     monkeypatch.setenv("QLORA_API_KEY", KEY)
-    ok = lambda request: PlainTextResponse("ok")  # noqa: E731
-    stream = lambda request: StreamingResponse(iter(["a", "b", "c"]))  # noqa: E731
+    ok = lambda request: PlainTextResponse("ok")
+    stream = lambda request: StreamingResponse(iter(["a", "b", "c"]))
     app = Starlette(routes=[Route("/health", ok), Route("/tokenize", ok, methods=["GET", "POST"]),
                             Route("/v1/stream", stream)])
     app.add_middleware(RequireApiKey)
@@ -337,7 +338,7 @@ def test_tensor_and_data_parallel_sizes_reach_vllm_only_when_set():
 
 
 def test_memory_check_splits_weights_and_kv_over_tensor_parallel_gpus():
-    from qlora_app.architecture import load_architecture
+    from qlora_app.model.architecture import load_architecture
     from qlora_app.serve.checks import check_fits, serve_weight_bytes
 
     GiB = 1024**3

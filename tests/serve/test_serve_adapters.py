@@ -4,7 +4,6 @@ own model id. The first adapter is the session's run; the second learns made-up 
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO, make_server, run_cli, tiny_facts
 
 pytestmark = pytest.mark.slow  # trains a second adapter and serves both (vLLM)

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_server, processes_matching, run_cli, survivors, tiny_facts
 
 pytestmark = pytest.mark.slow  # serves a model (vLLM)
@@ -91,8 +90,8 @@ def test_streaming_returns_the_same_text(client):
 
 
 def test_tokenize_gives_the_token_ids_training_used(server, trained_run):
-    from qlora_app.encoding import encode_chat, load_tokenizer, render
-    from qlora_app.run_dir import RunDir
+    from qlora_app.data.encoding import encode_chat, load_tokenizer, render
+    from qlora_app.run.directory import RunDir
 
     tokenizer = load_tokenizer(RunDir(trained_run.path).recipe())
     question, taught = tiny_facts()[3]

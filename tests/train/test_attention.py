@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_app.attention import FLASH_KERNEL, choose
+from qlora_app.train.attention import FLASH_KERNEL, choose
 
 LENGTHS = (9, 14, 6)  # three examples of different lengths, packed into one row
 
@@ -16,7 +16,7 @@ def tiny_lora_model(implementation: str):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_app.tiny_model import ARCHITECTURES
+    from qlora_app.model.tiny import ARCHITECTURES
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, **ARCHITECTURES["tiny-llama"])
@@ -119,9 +119,9 @@ def test_choice_on_cpu_runs_what_can_train_here():
 
 
 def test_recipe_choice_reaches_the_model(capsys):
-    from qlora_app import attention
-    from qlora_app.model_loading import load_base
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.model.loading import load_base
+    from qlora_app.recipe.loader import load_recipe
+    from qlora_app.train import attention
 
     recipe = load_recipe("tiny").with_section("train", attention="flash")
     choice = attention.resolve(recipe.train.attention)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_app.distributed import GRACE_SECONDS, RANK_MODULE, Nodes, per_rank_grad_accum, torchrun_args, torchrun_command
 from qlora_app.errors import UserError
+from qlora_app.plan.layout import per_rank_grad_accum
+from qlora_app.train.distributed import GRACE_SECONDS, RANK_MODULE, Nodes, torchrun_args, torchrun_command
 
 
 def parsed(args: list[str]):
@@ -72,9 +73,9 @@ def test_plan_refuses_the_gpu_count_train_would_refuse():
 def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
     import torch
 
-    from qlora_app.distributed import fsdp_args
-    from qlora_app.model_loading import quantization_config
-    from qlora_app.recipe_loader import load_recipe
+    from qlora_app.model.loading import quantization_config
+    from qlora_app.recipe.loader import load_recipe
+    from qlora_app.train.distributed import fsdp_args
 
     recipe = load_recipe("llama3-70b")
     assert recipe.train.distributed == "fsdp"

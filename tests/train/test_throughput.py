@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from qlora_app.run_dir import RunDir
-from qlora_app.throughput import StepTimer, warmup_steps
+from qlora_app.run.directory import RunDir
+from qlora_app.train.throughput import StepTimer, warmup_steps
 
 
 class Clock:

@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-
 from conftest import SECRET, tiny_facts
-from qlora_app.recipe_loader import load_recipe
-from qlora_app.run_dir import RunDir
+
+from qlora_app.recipe.loader import load_recipe
+from qlora_app.run.directory import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def tiny_recipe():
 def tuned_model(trained_run, tiny_recipe):
     from peft import PeftModel
 
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.model_loading import load_base
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.model.loading import load_base
 
     tokenizer = load_tokenizer(tiny_recipe)
     model = PeftModel.from_pretrained(load_base(tiny_recipe), trained_run.path / "adapter").eval()
@@ -66,7 +66,7 @@ def test_summary_table_and_progress_are_shown(trained_run):
     assert "held-out loss: base -> tuned" in trained_run.stdout and "tokens/s" in trained_run.stdout
     steps = RunDir(trained_run.path).read_manifest()["training"]["steps"]
     # the progress bar's last state: every step done, with the losses and the rate it showed along the way
-    bar = re.compile(rf"^train \S+ {steps}/{steps} loss \d+\.\d{{4}}  eval \d+\.\d{{4}}  [\d,]+ tok/s ", re.M)
+    bar = re.compile(rf"^train \S+ {steps}/{steps} loss \d+\.\d{{4}}  eval \d+\.\d{{4}}  [\d,]+ tok/s ", re.MULTILINE)
     assert bar.search(trained_run.stderr), trained_run.stderr[-2000:]
     assert "no CUDA device: using adamw_torch" not in trained_run.stderr  # tiny asks for adamw_torch itself
 
@@ -95,8 +95,8 @@ def test_adapter_memorized_the_facts_and_stops_at_end_of_turn(tuned_model):
 def test_base_layers_are_nf4_double_quant_while_training(tiny_recipe, tmp_path):
     import bitsandbytes as bnb
 
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.train import build_trainer, prepare_data
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.train.stage import build_trainer, prepare_data
 
     tokenizer = load_tokenizer(tiny_recipe)
     run = RunDir.create(tiny_recipe, tmp_path)
@@ -112,8 +112,8 @@ def test_base_layers_are_nf4_double_quant_while_training(tiny_recipe, tmp_path):
 
 
 def test_collated_batch_labels_end_of_turn_and_nothing_crosses_examples(tiny_recipe, tmp_path):
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.train import build_trainer, prepare_data
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.train.stage import build_trainer, prepare_data
 
     tokenizer = load_tokenizer(tiny_recipe)
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -141,8 +141,8 @@ def test_collated_batch_labels_end_of_turn_and_nothing_crosses_examples(tiny_rec
 def test_adapters_below_the_top_still_learn_after_an_evaluation(tiny_recipe, tmp_path):
     """bitsandbytes repacks 4-bit weights on CPU at the first no-grad eval forward into a kernel without a
     backward pass; the train stage must keep gradients flowing through every quantized layer after evaluating."""
-    from qlora_app.encoding import load_tokenizer
-    from qlora_app.train import build_trainer, prepare_data
+    from qlora_app.data.encoding import load_tokenizer
+    from qlora_app.train.stage import build_trainer, prepare_data
 
     tokenizer = load_tokenizer(tiny_recipe)
     trainer, _ = build_trainer(tiny_recipe, RunDir.create(tiny_recipe, tmp_path),

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import REPO, assert_one_line_error, run_cli
-from qlora_app.run_dir import RunDir, checkpoint_step
+from safetensors.torch import load_file
 from test_train_resume import train_losses, wait_for
+
+from qlora_app.run.directory import RunDir, checkpoint_step
 
 pytestmark = pytest.mark.slow
 

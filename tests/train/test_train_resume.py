@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_one_line_error, run_cli
-from qlora_app.recipe_loader import load_recipe
-from qlora_app.run_dir import RunDir, checkpoint_step
+
+from qlora_app.recipe.loader import load_recipe
+from qlora_app.run.directory import RunDir, checkpoint_step
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tmp_path, trained_run):
     proc = start_training(tmp_path)
-    run_path = lambda: (tmp_path / "tiny" / "latest").resolve()  # noqa: E731
+    run_path = lambda: (tmp_path / "tiny" / "latest").resolve()
     wait_for(lambda: (tmp_path / "tiny" / "latest").exists() and RunDir(run_path()).complete_checkpoints(), proc)
     proc.kill()
     proc.communicate(timeout=60)
@@ -110,8 +110,8 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
 @pytest.fixture()
 def interrupted_copy(trained_run, tmp_path) -> RunDir:
     """A copy of the session's run marked interrupted, its data a copy of the tiny data of its own."""
-    from qlora_app.atomic import write_json_atomic
-    from qlora_app.recipe_loader import dump_recipe
+    from qlora_app.machine.atomic import write_json_atomic
+    from qlora_app.recipe.loader import dump_recipe
 
     path = tmp_path / "tiny" / trained_run.path.name
     shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
@@ -137,7 +137,7 @@ def test_resuming_after_the_data_changed_is_refused_before_weights_load(interrup
 
 @pytest.mark.slow
 def test_restarting_a_run_without_a_complete_checkpoint_drops_what_it_logged(interrupted_copy):
-    from qlora_app.train import resume_point
+    from qlora_app.train.stage import resume_point
 
     run = interrupted_copy
     shutil.rmtree(run.checkpoints)

@@ -1,0 +1,2 @@
+"""The recipe: one typed object (schema) read from YAML with `--set` overrides and written back (loader).
+"""

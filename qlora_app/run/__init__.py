@@ -1,0 +1,2 @@
+"""The run directory: the layout every stage reads and writes (directory).
+"""
