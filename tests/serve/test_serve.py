@@ -346,6 +346,15 @@ def test_a_websocket_without_the_key_is_closed_with_policy_violation(guarded):
         assert ws.receive_text() == "hello"
 
 
+def test_the_refusal_is_an_openai_style_error_a_client_reads(guarded):
+    denied = guarded.get("/tokenize")
+    assert denied.headers["content-type"] == "application/json"
+    assert denied.headers["www-authenticate"] == "Bearer"
+    assert int(denied.headers["content-length"]) == len(denied.content)
+    assert denied.json() == {"error": {"message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                       "type": "authentication_error", "code": 401}}
+
+
 def test_middleware_refuses_to_start_without_a_key(monkeypatch):
     from qlora_app.serve.auth import RequireApiKey
 
