@@ -74,7 +74,7 @@ define require_key
 endef
 key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 
-.PHONY: help venv test lint demo image recipes plan train merge serve pipeline lock-cpu lock-gpu clean
+.PHONY: help venv test lint demo image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation
 
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -166,6 +166,10 @@ lock-gpu: ## Regenerate requirements/gpu.lock (CUDA, Python 3.12, linux x86_64, 
 	  --custom-compile-command "make lock-gpu" --quiet
 	rm -rf .lock-venv
 
+mutation: venv ## Mutation testing (mutmut, not in CI) of pyproject's [tool.mutmut] modules with the fast tests; JOBS=2
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2)
+	$(PY) scripts/mutation_report.py
+
 clean: ## Remove the virtual environments and caches (never runs/, never the image)
-	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info
+	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info mutants
 	find . -path ./runs -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -297,16 +297,23 @@ def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
 def guarded(monkeypatch):
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse, StreamingResponse
-    from starlette.routing import Route
+    from starlette.routing import Route, WebSocketRoute
     from starlette.testclient import TestClient
 
     from qlora_app.serve.auth import RequireApiKey
 
+    async def echo(websocket):
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
     monkeypatch.setenv("QLORA_API_KEY", KEY)
     ok = lambda request: PlainTextResponse("ok")
     stream = lambda request: StreamingResponse(iter(["a", "b", "c"]))
+    # every path answers 200 when let through, so a path the guard wrongly opens shows as 200, not 404
     app = Starlette(routes=[Route("/health", ok), Route("/tokenize", ok, methods=["GET", "POST"]),
-                            Route("/v1/stream", stream)])
+                            Route("/v1/stream", stream), WebSocketRoute("/v1/realtime", echo),
+                            Route("/{path:path}", ok, methods=["GET", "POST"])])
     app.add_middleware(RequireApiKey)
     return TestClient(app)
 
@@ -319,6 +326,33 @@ def test_middleware_guards_everything_but_health(guarded):
     assert guarded.get("/tokenize", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert guarded.get("/tokenize", headers={"x-api-key": KEY}).status_code == 200
     assert guarded.get("/v1/stream", headers={"Authorization": f"bearer {KEY}"}).text == "abc"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/health/", "/health/x", "/Health", "/v1/health", "/healthcheck",
+                                  "/metrics", "/invocations"])
+def test_only_health_itself_is_open(guarded, path):
+    assert guarded.get(path).status_code == 401
+    assert guarded.get(path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_a_websocket_without_the_key_is_closed_with_policy_violation(guarded):
+    from starlette.websockets import WebSocketDisconnect
+
+    with pytest.raises(WebSocketDisconnect) as closed, guarded.websocket_connect("/v1/realtime") as ws:
+        ws.receive_text()
+    assert closed.value.code == 1008
+    with guarded.websocket_connect("/v1/realtime", headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        ws.send_text("hello")
+        assert ws.receive_text() == "hello"
+
+
+def test_the_refusal_is_an_openai_style_error_a_client_reads(guarded):
+    denied = guarded.get("/tokenize")
+    assert denied.headers["content-type"] == "application/json"
+    assert denied.headers["www-authenticate"] == "Bearer"
+    assert int(denied.headers["content-length"]) == len(denied.content)
+    assert denied.json() == {"error": {"message": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                       "type": "authentication_error", "code": 401}}
 
 
 def test_middleware_refuses_to_start_without_a_key(monkeypatch):
