@@ -102,7 +102,8 @@ test: venv ## Run the test suite (creates .venv first if needed)
 	@# pytest exits 5 when a selection collects no tests: that is not a failure of the suite
 	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests selected" || exit $$rc; }
 
-lint: venv ## Lint the Dockerfile (hadolint), the image workflow (actionlint) and the shell scripts
+lint: venv ## Lint the Python (ruff), the Dockerfile (hadolint), the image workflow (actionlint) and the shell scripts
+	$(VENV)/bin/ruff check qlora_app tests bench scripts
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/actionlint .github/workflows/image.yml
 	bash -n scripts/docker-preflight.sh scripts/entrypoint.sh
