@@ -89,6 +89,8 @@ def encode(records: Records, tokenizer: PreTrainedTokenizerBase, max_length: int
     if records.format == "chat" and not tokenizer.chat_template:
         raise UserError(f"{records.origin} is chat data but the model's tokenizer has no chat template: "
                         "set model.chat_template in the recipe")
+    if records.format == "chat" and template_kwargs:
+        chat_turns.check_template_kwargs(tokenizer, template_kwargs)
     ids_out, labels_out, dropped, truncated, eot = [], [], 0, 0, None
     for index, row in enumerate(records.rows):
         if "messages" in row:

@@ -107,6 +107,21 @@ def special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | added
 
 
+def check_template_kwargs(tokenizer, kwargs: dict[str, Any]) -> None:
+    """Refuse template arguments the template never reads: vLLM passes a template only the variables it reads
+    (vllm/renderers/hf.py, resolve_chat_template_kwargs), so they would silently change nothing."""
+    import jinja2.meta
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template = tokenizer.get_chat_template()
+    read = jinja2.meta.find_undeclared_variables(_compile_jinja_template(template).environment.parse(template))
+    unread = ["model.enable_thinking" if k == "enable_thinking" else f"model.chat_template_kwargs.{k}"
+              for k in sorted(set(kwargs) - read)]
+    if unread:
+        raise UserError(f"{', '.join(unread)} is set but the chat template never reads it, so it would change "
+                        "nothing in training or serving; remove it or use a template that reads it")
+
+
 def render(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False, **kwargs) -> str:
     """The template's text for these messages; reasoning goes in under both names vLLM gives it
     (vllm/renderers/chat_utils.py, the assistant branch that sets 'reasoning' and 'reasoning_content')."""

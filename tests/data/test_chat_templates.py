@@ -207,6 +207,15 @@ def test_train_refuses_a_system_message_the_template_rejects_in_one_line(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+def test_thinking_choice_on_a_template_that_never_reads_it_is_refused(tmp_path):
+    source = write_chats(tmp_path / "chat.jsonl", GOOD, GOOD)
+    records, _ = load_splits(load_recipe("tiny", [f"data.source={source}", "data.eval_split=null",
+                                                  "data.eval_fraction=0.5"]).data)
+    with pytest.raises(UserError, match="model.enable_thinking is set but the chat template never reads it"):
+        encode(records, tokenizer_with(None), 256, {"enable_thinking": False})
+    assert encode(records, tokenizer_with(QWEN3_LIKE), 256, {"enable_thinking": False}).label_tokens > 0
+
+
 def test_answer_the_template_does_not_end_with_a_special_token_is_refused():
     tokenizer = tokenizer_with(None)
     tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" \
