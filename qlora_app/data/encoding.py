@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
-# Unused special tokens that make a safe pad, in order of preference (Llama 3.1, Llama 3, others).
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|pad|>", "<pad>", "[PAD]")
+# Unused special tokens that make a safe pad, in order of preference (Llama 3.1, Llama 3, others, then Qwen's base
+# models, whose pad is their EOS <|endoftext|>).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|pad|>", "<pad>", "[PAD]",
+                  "<|fim_pad|>", "<|vision_pad|>")
 Example = tuple[list[int], list[int]]  # (input ids, labels)
 
 
