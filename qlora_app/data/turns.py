@@ -46,7 +46,7 @@ def one_turn(messages: list[dict], i: int, tokenizer, where: str, kwargs: dict) 
     prompt = render(tokenizer, messages[:i], where, add_generation_prompt=True, **kwargs)
     full = render(tokenizer, messages[: i + 1], where, **kwargs)
     end = end_of_turn(full, tokenizer, visible_answer(messages[i]), where, i)
-    start = len(prompt) if full.startswith(prompt) else aligned_start(prompt, full, messages[i], where, i)
+    start = len(prompt) if full.startswith(prompt) else aligned_start(prompt, full, messages, i, where)
     prompt_ids = tokens(tokenizer, prompt)
     return Turn(prompt_ids, answer_tokens(tokenizer, prompt, full[start:end], prompt_ids))
 
@@ -58,35 +58,39 @@ def visible_answer(message: dict) -> str:
 
 
 def end_of_turn(full: str, tokenizer, answer: str, where: str, i: int) -> int:
-    """Where the turn's end-of-turn token ends in the render: the last special token, after the answer."""
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    special = special_ids(tokenizer)
-    ends = [(a, b) for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if tid in special]
+    """Where the turn's end-of-turn token ends in the render: the first special token after the answer (a
+    template may close the whole conversation with more, e.g. Phi-3.5's EOS after the last <|end|>)."""
     answer_at = full.rfind(answer)
     if answer_at < 0:
         raise UserError(f"{where}: turn {i}: the chat template does not show the assistant's answer as written, so "
                         "the answer cannot be located in its render")
-    if not ends or ends[-1][0] < answer_at + len(answer):
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    special = special_ids(tokenizer)
+    ends = [b for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+            if tid in special and a >= answer_at + len(answer)]
+    if not ends:
         raise UserError(f"{where}: the chat template ends assistant turns without a special end-of-turn token, so "
                         "the model would never learn to stop; fix model.chat_template")
-    return ends[-1][1]
+    return ends[0]
 
 
-def aligned_start(prompt: str, full: str, message: dict, where: str, i: int) -> int:
-    """Where the answer begins in a render that does not continue the prompt: right after the longest end of the
-    prompt found before the answer (binary search: a shorter end of the prompt is found wherever a longer one is)."""
-    before = full[: full.rfind(visible_answer(message))]
-    lo, hi = 0, len(prompt)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if prompt[-mid:] in before:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        raise UserError(f"{where}: turn {i}: the chat template renders this turn unlike the prompt a server would "
-                        "send before it, so its answer cannot be located")
-    return before.rfind(prompt[-lo:]) + lo
+def aligned_start(prompt: str, full: str, messages: list[dict], i: int, where: str) -> int:
+    """Where the answer begins in a render that does not continue the served prompt: after the last stretch of
+    text it shares with the end of the prompt. Both are compared from the message before the turn on (its
+    content ends the shared history), character by character (difflib), so an inserted system prompt, a think
+    block the prompt closes empty, or a newline the prompt adds after <think> all line up."""
+    from difflib import SequenceMatcher
+
+    answer_at = full.rfind(visible_answer(messages[i]))
+    before = messages[i - 1]["content"].strip()
+    in_full, in_prompt = full.rfind(before, 0, answer_at), prompt.rfind(before)
+    lower, p_lower = (in_full + len(before), in_prompt + len(before)) if min(in_full, in_prompt) >= 0 else (0, 0)
+    tail, region = prompt[p_lower:], full[lower:answer_at]
+    blocks = [m for m in SequenceMatcher(None, tail, region, autojunk=False).get_matching_blocks() if m.size]
+    if not blocks or 2 * sum(m.size for m in blocks) < len(tail):
+        raise UserError(f"{where}: turn {i}: the chat template renders this turn unlike the prompt a server sends "
+                        f"before it (ending {prompt[-12:]!r}), so its answer cannot be located")
+    return lower + blocks[-1].b + blocks[-1].size
 
 
 def answer_tokens(tokenizer, prompt: str, answer: str, prompt_ids: list[int]) -> list[int]:
