@@ -8,7 +8,9 @@ user message only), a Gemma-like one (no system role: it raises), and the tiny m
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -172,6 +174,36 @@ def test_prompts_are_the_token_ids_vllm_renders(template):
         served = safe_apply_chat_template(None, tokenizer, CHAT[:turn], chat_template=tokenizer.chat_template,
                                           add_generation_prompt=True, enable_thinking=False)
         assert ids[: len(served)] == served and labels.index(ids[len(served)]) == len(served)
+
+
+# trl ships verbatim copies of models' own chat templates (it matches tokenizers against them).
+REAL = Path(importlib.util.find_spec("trl").submodule_search_locations[0]) / "chat_templates"
+REAL_MARKERS = {"qwen3": ["<|im_start|>", "<|im_end|>"], "llama3_1": [], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
+                "phi3_5": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+                "nemotron_3_nano": ["<|im_start|>", "<|im_end|>"]}
+
+
+@pytest.mark.parametrize(("name", "thinking", "answers"), [
+    ("qwen3", None, ["<think>\n\n</think>\n\nNeul.<|im_end|>", "<think>\n\n</think>\n\nVesk.<|im_end|>"]),
+    ("qwen3", False, ["Neul.<|im_end|>", "Vesk.<|im_end|>"]),
+    ("llama3_1", None, ["Neul.<|eot_id|>Vesk.<|eot_id|>"]),
+    ("gemma3", None, ["Neul.<end_of_turn>Vesk.<end_of_turn>"]),  # the system message folded into the first turn
+    ("phi3_5", None, ["Neul.<|end|>Vesk.<|end|>"]),  # its EOS after the conversation's last <|end|> is not learned
+    # the prompt opens '<think>\n', the turn renders '<think></think>': the answer goes on from the served prompt
+    ("nemotron_3_nano", None, ["</think>Neul.<|im_end|>", "</think>Vesk.<|im_end|>"]),
+])
+def test_real_templates_train_every_turn_after_its_served_prompt(name, thinking, answers):
+    tokenizer = load_tokenizer(load_recipe("tiny"))
+    tokenizer.add_special_tokens({"additional_special_tokens": REAL_MARKERS[name]}, replace_extra_special_tokens=False)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = (REAL / f"{name}.jinja").read_text()
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    examples = chat_examples(CHAT, tokenizer, "chat.jsonl:1", kwargs)
+    assert [learned(tokenizer, labels) for _, labels in examples] == answers
+    turns = [i for i, m in enumerate(CHAT) if m["role"] == "assistant"][-len(examples):]
+    for (ids, _), turn in zip(examples, turns, strict=True):
+        prompt = served_prompt(tokenizer, CHAT[:turn], **kwargs)
+        assert ids[: len(prompt)] == prompt
 
 
 def write_chats(path, *chats):
