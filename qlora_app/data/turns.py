@@ -47,6 +47,9 @@ def one_turn(messages: list[dict], i: int, tokenizer, where: str, kwargs: dict) 
     full = render(tokenizer, messages[: i + 1], where, **kwargs)
     end = end_of_turn(full, tokenizer, visible_answer(messages[i]), where, i)
     start = len(prompt) if full.startswith(prompt) else aligned_start(prompt, full, messages, i, where)
+    if start >= end:
+        raise UserError(f"{where}: turn {i}: the chat template renders no answer after the prompt a server sends "
+                        "before it")
     prompt_ids = tokens(tokenizer, prompt)
     return Turn(prompt_ids, answer_tokens(tokenizer, prompt, full[start:end], prompt_ids))
 
