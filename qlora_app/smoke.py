@@ -35,6 +35,7 @@ from qlora_app.run.directory import RunDir
 from qlora_app.serve.auth import KEY_ENV
 from qlora_app.serve.stage import Endpoint, running
 from qlora_app.serve.target import merged_target
+from qlora_app.train.attention import IMPLEMENTATION
 from qlora_app.train.stage import train
 
 SMOKE_DIR = ".smoke"
@@ -164,7 +165,9 @@ def training_summary(run: RunDir, asked: str) -> str:
     manifest = run.read_manifest()
     t, losses = manifest["training"], manifest["losses"]
     rate = t.get("steady_tokens_per_second") or t.get("tokens_per_second")
-    return (f"{t['steps']} steps of builtin:tiny-llama, attention {manifest.get('attention', '?')} "
+    used = manifest.get("attention") or "?"  # what from_pretrained was given: a hub kernel's repo for flash
+    name = {implementation: name for name, implementation in IMPLEMENTATION.items()}.get(used, used)
+    return (f"{t['steps']} steps of builtin:tiny-llama, attention {name}{f' via {used}' if name != used else ''} "
             f"(asked: {asked}), {rate:,.0f} tokens/s, held-out loss {losses['base_eval_loss']:.2f} -> "
             f"{losses['final_eval_loss']:.2f}")
 

@@ -38,3 +38,7 @@ def test_a_broken_recipe_fails_the_smoke_at_its_step(tmp_path):
     assert_one_line_error(result, "smoke failed at recipe", "train.attention", "fix: `qlora-app recipes` lists")
     assert result.stdout == ""
 
+
+
+def test_recipe_goes_with_smoke_only():
+    assert_one_line_error(run_cli("doctor", "--recipe", "tiny"), "--recipe goes with --smoke")
