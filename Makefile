@@ -1,8 +1,8 @@
 # qlora-app: `make help` lists the targets and variables.
 #
 # The app targets (recipes, plan, train, merge, serve, pipeline) run `qlora-app` inside the GPU image by default;
-# LOCAL=1 runs the same command in the project's virtual environment (.venv) instead. `demo` and `test` are
-# always local (CPU). Secrets are passed to Docker by name only (-e HF_TOKEN), never by value.
+# LOCAL=1 runs the same command in the project's virtual environment (.venv) instead; so does `smoke` (the
+# stack proven in minutes: `qlora-app doctor --smoke`). `demo` and `test` are always local (CPU). Secrets are passed to Docker by name only (-e HF_TOKEN), never by value.
 SHELL := bash
 .DEFAULT_GOAL := help
 
@@ -74,12 +74,12 @@ define require_key
 endef
 key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 
-.PHONY: help venv test lint demo image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation
+.PHONY: help venv test lint demo smoke image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation
 
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo
-	@echo "Variables: RECIPE=<name> (train, plan, pipeline)  RUN=<run dir> (merge, serve; default: the latest run,"
+	@echo "Variables: RECIPE=<name> (train, plan, pipeline; smoke: its attention)  RUN=<run dir> (merge, serve; default: the latest run,"
 	@echo "  of RECIPE if given)  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
 	@echo "  BASE=RECIPE ADAPTERS=\"name=RUN_DIR ...\" (serve adapters)  PORT=$(PORT)  BIND=$(BIND)  GPU_MEMORY=$(GPU_MEMORY)"
 	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS) (given: train one rank per GPU)  NPROC=N (train ranks)  HF_HOME=$(HF_HOME)"
@@ -112,6 +112,10 @@ demo: venv ## On CPU, in .venv: recipes, the 8B plan, then the tiny recipe train
 	$(VENV_APP) recipes
 	$(VENV_APP) plan llama3-8b --compare
 	$(VENV_APP) demo
+
+smoke: $(APP_DEPS) ## First on a rented GPU: doctor, then the tiny model trained (RECIPE's attention), merged, served, asked
+	$(call preflight,gpu)
+	$(call app,gpu) doctor --smoke $(if $(RECIPE),--recipe $(RECIPE))
 
 image: ## Build the GPU image IMAGE (CUDA 13, vLLM, the training stack) from requirements/gpu.lock
 	@scripts/docker-preflight.sh

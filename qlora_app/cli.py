@@ -65,6 +65,10 @@ def main() -> None:
     from qlora_app.machine.home import home_environment
 
     os.environ.update(home_environment(os.environ))
+    # trl's import sets VLLM_LOGGING_LEVEL=ERROR in os.environ unless it is set (trl/_compat.py): a vLLM server
+    # started later by this process (pipeline, demo, doctor --smoke) would inherit it and log no INFO or WARNING
+    # line. vLLM's own default, unless the user chose a level.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
 
 @main.command("recipes")
@@ -241,13 +245,33 @@ def health_cmd() -> None:
 
 @main.command("doctor")
 @click.option("--no-kernels", is_flag=True, help="Skip loading the CUDA, bitsandbytes and flash attention kernels.")
+@click.option("--smoke", "smoke_test", is_flag=True,
+              help="Then prove the stack in minutes: the built-in tiny model trained a few dozen steps, merged, "
+                   "served by vLLM and asked one question (runs in RUNS_DIR/.smoke).")
+@click.option("--recipe", "recipe_name", default=None, metavar="RECIPE",
+              help="With --smoke: train with this recipe's train.attention (default: llama3-8b).")
 @runs_dir_option
-def doctor_cmd(no_kernels: bool, runs_dir: str | None) -> None:
+def doctor_cmd(no_kernels: bool, smoke_test: bool, recipe_name: str | None, runs_dir: str | None) -> None:
     """Is this machine ready: GPU, driver vs the CUDA the wheels need, free memory, whether the torch,
     bitsandbytes and flash attention kernels load (fetching the last into the HF cache), whether runs can be
-    written. Exit 0 when ready, 1 when not, with what to do."""
-    from qlora_app.machine.doctor import doctor
+    written. Exit 0 when ready, 1 when not, with what to do.
+
+    --smoke goes on to train, merge, serve and ask the built-in tiny model, one line per step with its time;
+    a failed step is one line naming it and its fix (exit 2, or 1 when the stack itself broke).
+    """
+    import os
+
     from qlora_app.run.directory import runs_root
+
+    if recipe_name and not smoke_test:
+        raise UserError("--recipe goes with --smoke: qlora-app doctor --smoke --recipe RECIPE")
+    if smoke_test:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as train does
+        from qlora_app.smoke import DEFAULT_RECIPE, smoke
+
+        smoke(runs_root(runs_dir), recipe_name or DEFAULT_RECIPE, kernels=not no_kernels)
+        return
+    from qlora_app.machine.doctor import doctor
 
     sys.exit(0 if doctor(runs_root(runs_dir), kernels=not no_kernels) else 1)
 

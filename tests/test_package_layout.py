@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qlora_app"
 LAYERS = [
     {"__main__"},
     {"cli"},
-    {"demo"},
+    {"demo", "smoke"},
     {"pipeline", "chat", "push"},
     {"train", "merge", "serve"},
     {"plan", "data"},

@@ -147,6 +147,7 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
 
     recipe = layout.apply(recipe, chosen)
     trainer, stopper = build_trainer(recipe, run, data, tokenizer)
+    manifest["attention"] = trainer.model.config._attn_implementation  # what the model runs, fallbacks included
     # The base's held-out loss, measured by train() itself: an evaluate() before train() would leave accelerate
     # believing the model prepared, and it would then not wrap it in DDP (ranks would never sync gradients).
     trainer.args.eval_on_start = checkpoint is None

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"qlora-app:{VERSION}"
 SECRETS = {"HF_TOKEN": "hf_secretvalue", "QLORA_API_KEY": "sk-secret"}
-APP_TARGETS = ["recipes", "plan", "train", "merge", "serve", "pipeline"]
-GPU_TARGETS = ["train", "merge", "serve", "pipeline"]
+APP_TARGETS = ["recipes", "plan", "train", "merge", "serve", "pipeline", "smoke"]
+GPU_TARGETS = ["train", "merge", "serve", "pipeline", "smoke"]
 ALL_TARGETS = ["help", "image", "demo", "test", "lint", "clean", "venv", "lock-cpu", "lock-gpu", "mutation", *APP_TARGETS]
 UID_GID = f"{os.getuid()}:{os.getgid()}"
 
@@ -231,6 +231,13 @@ def test_local_serve_lets_the_cli_apply_its_own_rule():
     assert local_app("serve", "BASE=llama3-8b", "ADAPTERS=a=runs/x") == [
         "serve", "--base", "llama3-8b", "--adapter", "a=runs/x", "--host", "127.0.0.1", "--port", "8000"]
     assert local_app("pipeline", "RECIPE=tiny", "BIND=0.0.0.0") == ["pipeline", "tiny", "--host", "0.0.0.0", "--port", "8000"]
+
+
+def test_smoke_runs_the_doctor_smoke_with_the_recipe_given():
+    assert app_args(docker_run("smoke")) == ["doctor", "--smoke"]
+    assert app_args(docker_run("smoke", "RECIPE=mistral-7b")) == ["doctor", "--smoke", "--recipe", "mistral-7b"]
+    assert "-p" not in docker_run("smoke")  # vLLM answers inside the container only
+    assert local_app("smoke") == ["doctor", "--smoke"]
 
 
 def test_demo_is_always_local():
