@@ -290,6 +290,44 @@ def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
     assert survivors(marker) == []
 
 
+# --- no JIT compiler at serve time (docs/serving-runtime.md) ------------------------------------------------
+
+
+def test_vllm_gets_no_jit_settings_whatever_the_caller_exported():
+    from qlora_app.serve.process import NO_JIT_ENV, child_environment
+
+    caller = {"VLLM_USE_FLASHINFER_SAMPLER": "1", "VLLM_ALLREDUCE_USE_FLASHINFER": "1", "HF_HOME": "/cache/hf"}
+    env = child_environment(caller)
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and env["VLLM_ALLREDUCE_USE_FLASHINFER"] == "0"
+    assert env["HF_HOME"] == "/cache/hf" and env["VLLM_NO_USAGE_STATS"] == "1"
+    assert caller["VLLM_USE_FLASHINFER_SAMPLER"] == "1"  # the caller's own environment is left as it was
+    assert set(NO_JIT_ENV) == {"VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER"}
+
+
+@pytest.mark.parametrize("name", ["VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER"])
+def test_the_installed_vllm_reads_each_switch_as_off(name, monkeypatch):
+    """The names are vLLM's own (a renamed switch would be silently ignored) and "0" turns them off."""
+    from vllm import envs
+
+    from qlora_app.serve.process import NO_JIT_ENV
+
+    monkeypatch.setenv(name, "1")
+    assert envs.environment_variables[name]() is True  # on unless told otherwise
+    monkeypatch.setenv(name, NO_JIT_ENV[name])
+    assert envs.environment_variables[name]() is False
+
+
+def test_the_server_process_starts_with_the_no_jit_settings(tmp_path, monkeypatch):
+    from conftest import process_environment
+
+    from qlora_app.serve.process import NO_JIT_ENV, VllmServer
+
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    with VllmServer(["sleep", "60"], "http://127.0.0.1:9", tmp_path / "log") as server:
+        env = process_environment(server.process.pid)
+    assert {name: env.get(name) for name in NO_JIT_ENV} == NO_JIT_ENV
+
+
 # --- the middleware, on a real Starlette app -----------------------------------------------------------------
 
 
