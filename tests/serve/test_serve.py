@@ -375,6 +375,21 @@ def test_tensor_and_data_parallel_sizes_reach_vllm_only_when_set():
     assert flag(cmd, "--tensor-parallel-size") == "4" and flag(cmd, "--data-parallel-size") == "2"
 
 
+def test_tensor_parallel_on_a_gpu_keeps_flashinfers_allreduce_fusion_off():
+    """vLLM itself parses the flag: the fusion pass (FlashInfer's JIT-compiled all-reduce) is off."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    listen = Listen("127.0.0.1", 8000, False)
+    assert "--compilation-config" not in vllm_command(merged(), listen, cuda=True)
+    target = merged("llama3-70b", tensor_parallel_size=4)
+    assert "--compilation-config" not in vllm_command(target, listen, cuda=False)
+    cmd = vllm_command(target, listen, cuda=True)
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--compilation-config", flag(cmd, "--compilation-config")])
+    assert args.compilation_config.pass_config.fuse_allreduce_rms is False
+
+
 def test_memory_check_splits_weights_and_kv_over_tensor_parallel_gpus():
     from qlora_app.model.architecture import load_architecture
     from qlora_app.serve.checks import check_fits, serve_weight_bytes
