@@ -198,3 +198,15 @@ def test_the_probe_reads_torchs_own_error_from_a_child_process():
     start = probe_cuda()
     assert "not compiled with CUDA" in start.error and start.libcuda == ""
     assert "torch.cuda" not in sys.modules or not sys.modules["torch"].cuda.is_initialized()
+
+
+def test_train_and_serve_stop_when_nvml_sees_a_gpu_and_cuda_does_not_start(monkeypatch):
+    """check_driver (the first step of train and serve) on a host whose NVML answers: here the GPU is the one
+    stand-in (this machine has none); CUDA's start is real, in a child, and fails as torch's CPU build does."""
+    from qlora_app.errors import UserError
+    from qlora_app.machine import doctor
+
+    monkeypatch.setattr(doctor, "query_gpu", lambda: gpu())
+    monkeypatch.setattr(doctor, "wheels_cuda", lambda: "13.0")
+    with pytest.raises(UserError, match=r"CUDA cannot start on this GPU \(Torch not compiled with CUDA enabled\)"):
+        doctor.check_driver()
