@@ -27,9 +27,11 @@ CHILD_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED"
 # No JIT compiler at serve time (docs/serving-runtime.md): the image has gcc for Triton's launchers but neither
 # nvcc nor g++, which FlashInfer's kernels are compiled with on first use. vLLM 0.32 runs FlashInfer's top-k/top-p
 # sampler by default on compute capability 8.0-12.x (in its warm-up, so at every start); off, it samples with
-# its PyTorch/Triton kernels. FlashInfer's all-reduce (tensor parallel) is JIT-compiled the same way. These
+# its PyTorch/Triton kernels. FlashInfer's all-reduce (tensor parallel) is JIT-compiled the same way, and so is
+# DeepGEMM (block-scaled FP8 on sm_90+, which the app's models do not use; the CUDA vllm wheel vendors it). These
 # win over the caller's environment: an inherited =1 would only bring back the failed start.
-NO_JIT_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ALLREDUCE_USE_FLASHINFER": "0"}
+NO_JIT_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ALLREDUCE_USE_FLASHINFER": "0", "VLLM_USE_DEEP_GEMM": "0",
+              "VLLM_MOE_USE_DEEP_GEMM": "0"}
 
 
 def child_environment(parent: dict[str, str] | None = None) -> dict[str, str]:

@@ -301,10 +301,12 @@ def test_vllm_gets_no_jit_settings_whatever_the_caller_exported():
     assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and env["VLLM_ALLREDUCE_USE_FLASHINFER"] == "0"
     assert env["HF_HOME"] == "/cache/hf" and env["VLLM_NO_USAGE_STATS"] == "1"
     assert caller["VLLM_USE_FLASHINFER_SAMPLER"] == "1"  # the caller's own environment is left as it was
-    assert set(NO_JIT_ENV) == {"VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER"}
+    assert set(NO_JIT_ENV) == {"VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER", "VLLM_USE_DEEP_GEMM",
+                               "VLLM_MOE_USE_DEEP_GEMM"}
 
 
-@pytest.mark.parametrize("name", ["VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER"])
+@pytest.mark.parametrize("name", ["VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER", "VLLM_USE_DEEP_GEMM",
+                                  "VLLM_MOE_USE_DEEP_GEMM"])
 def test_the_installed_vllm_reads_each_switch_as_off(name, monkeypatch):
     """The names are vLLM's own (a renamed switch would be silently ignored) and "0" turns them off."""
     from vllm import envs
