@@ -29,13 +29,18 @@ RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /src \
 
 FROM ${CUDA_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# Triton (torch.compile in vLLM, bitsandbytes kernels) compiles a small C launcher on first use: it needs a C
-# compiler and Python.h at run time, not only at build time. DL3008: as above.
+# Triton (torch.compile in vLLM, vLLM's sampler and LoRA kernels) compiles one small C module (its driver.c) with
+# gcc on first use: it needs a C compiler and Python.h at run time, not only at build time. Nothing else compiles
+# at run time: no nvcc, no g++ (docs/serving-runtime.md; FlashInfer's JIT paths are switched off in vLLM's
+# environment by the serve stage). DL3008: as above.
+# The base image's CUDA forward-compatibility libcuda (/usr/local/cuda-*/compat) goes: the image needs a host
+# driver of the CUDA 13 branch (R580+) anyway, which runs CUDA 13.x without it, and loaded on a GeForce/RTX card
+# (by LD_LIBRARY_PATH or the container toolkit's compat hook) it fails every CUDA call with error 804.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
        python3.12 python3.12-dev gcc libc6-dev ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
+    && rm -rf /var/lib/apt/lists/* /usr/local/cuda/compat /usr/local/cuda-*/compat \
     && groupadd --system --gid 10001 qlora \
     && useradd --system --uid 10001 --gid qlora --home-dir /tmp --no-create-home qlora
 COPY --from=build /opt/venv /opt/venv
@@ -64,11 +69,19 @@ WORKDIR /app
 COPY recipes /app/recipes
 COPY data /app/data
 COPY --chmod=0755 scripts/entrypoint.sh /usr/local/bin/qlora-entrypoint
-# Last, a check that the compiler Triton needs is usable and the CLI runs: a missing header fails the build
-# here, not the first model load on a rented GPU.
+# Last, the run-time compile path checked and the CLI run: Triton's own driver.c against its cuda.h and the
+# Python.h its build step asks sysconfig for, and the /sbin/ldconfig it finds libcuda.so.1 with (mounted by the
+# NVIDIA container toolkit at run time). A missing header fails the build here, not the first model load on a
+# rented GPU. No nvcc, no c++ and no forward-compatibility libcuda: what docs/serving-runtime.md says the image is.
 RUN mkdir -p /app/runs /cache/huggingface \
     && chmod 1777 /app/runs /cache /cache/huggingface \
     && echo '#include <Python.h>' | gcc -fsyntax-only -x c -I/usr/include/python3.12 - \
+    && triton_nvidia=/opt/venv/lib/python3.12/site-packages/triton/backends/nvidia \
+    && gcc -fsyntax-only -I"$triton_nvidia/include" \
+       -I"$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" "$triton_nvidia/driver.c" \
+    && test -x /sbin/ldconfig \
+    && ! command -v nvcc && ! command -v c++ && ! command -v g++ \
+    && test -z "$(find /usr/local -path '*/compat/libcuda.so*')" \
     && qlora-app --version
 VOLUME ["/cache", "/app/runs"]
 

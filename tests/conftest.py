@@ -193,6 +193,20 @@ def processes_matching(fragment: str) -> list[str]:
     return [" ".join(proc.info["cmdline"]) for proc in live_processes(fragment)]
 
 
+def process_environment(pid: int) -> dict[str, str]:
+    """The environment a running process started with, as the kernel keeps it (/proc/PID/environ)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def vllm_environment(port: int | str) -> dict[str, str]:
+    """The environment of the vLLM server the serve stage started on port (its API server process)."""
+    from qlora_app.serve.command import ENTRY_POINT
+
+    (server,) = [proc for proc in live_processes(ENTRY_POINT) if f"--port {port}" in " ".join(proc.info["cmdline"])]
+    return process_environment(server.pid)
+
+
 def survivors(fragment: str, timeout: float = 30) -> list[str]:
     """Command lines of processes matching fragment that are still alive after `timeout` s. A process sent
     SIGKILL is gone only once the kernel has run its exit, a moment after the signal: wait for that event

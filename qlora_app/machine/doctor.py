@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,6 +31,13 @@ TORCH_MATMUL = ("import torch; a = torch.ones(256, 256, device='cuda'); "
 BNB_4BIT = ("import torch, bitsandbytes.functional as F; w = torch.randn(256, 256, device='cuda', "
             "dtype=torch.bfloat16); q, s = F.quantize_4bit(w, quant_type='nf4'); "
             "assert (F.dequantize_4bit(q, s) - w).abs().mean().item() < 0.1; print('nf4 ok')")
+# CUDA initialised once, in a child: the error torch gets (a CUDA error in the parent would stay for its lifetime),
+# and which libcuda the CUDA runtime loaded (the host driver's, or a forward-compatibility one).
+CUDA_START = ("import json\ntry:\n    import torch; torch.cuda.init(); error = ''\nexcept Exception as exc:\n"
+              "    error = str(exc) or type(exc).__name__\nmaps = open('/proc/self/maps').read().splitlines()\n"
+              "libcuda = next((m.split()[-1] for m in maps if '/libcuda.so' in m), '')\n"
+              "print(json.dumps({'error': error, 'libcuda': libcuda}))")
+CUDA_START_TIMEOUT_S = 120
 # Loading the kernel downloads it into the HF cache (the pod's volume), so the first training run does not wait.
 FLASH_LOAD = ("from qlora_app.train.attention import FLASH_KERNEL, flash_problem; problem = flash_problem(); "
               "assert problem is None, problem; print(FLASH_KERNEL + ' loaded')")
@@ -43,12 +52,19 @@ class KernelCheck:
 
 
 @dataclass(frozen=True)
+class CudaStart:
+    error: str  # torch.cuda.init()'s error, "" when CUDA started
+    libcuda: str = ""  # the driver library the CUDA runtime loaded, "" when none was
+
+
+@dataclass(frozen=True)
 class Facts:
     gpu: GpuInfo
     cuda_needed: str | None  # the CUDA torch's wheels were built for, e.g. "13.0"; None: a CPU build
     kernels: tuple[KernelCheck, ...] = ()
     runs_dir: Path | None = None
     runs_writable: bool = True
+    cuda: CudaStart | None = None  # None: not tried (no GPU, a CPU torch, a driver too old)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,48 @@ def driver_problem(gpu: GpuInfo, cuda_needed: str | None) -> str | None:
             f"{cuda_needed}; Vast.ai: filter Max CUDA >= {cuda_needed}; a VM: install the R{minimum} driver)")
 
 
+def cuda_start_problem(error: str, libcuda: str = "", cuda_needed: str | None = None) -> str | None:
+    """What torch's CUDA error means and what to do, as one line; None for no error."""
+    if not error:
+        return None
+    loaded = f" ({libcuda})" if libcuda else ""
+    minimum = MIN_DRIVER.get(major(cuda_needed), "newer") if cuda_needed else "newer"
+    if "Error 804" in error or "forward compatibility was attempted" in error:
+        return (f"CUDA error 804: a CUDA forward-compatibility libcuda{loaded} is loaded, and forward compatibility "
+                "does not work on this GPU (it is for data-centre GPUs, not GeForce/RTX cards): take the "
+                "cuda/compat folder out of LD_LIBRARY_PATH so that the host driver's libcuda is used "
+                f"(driver R{minimum}+ runs the image without it)")
+    if "Error 803" in error or "unsupported display driver / cuda driver combination" in error:
+        return (f"CUDA error 803: the driver library{loaded} does not match the loaded NVIDIA kernel module (a "
+                "driver updated without a reboot, or another driver's libcuda on LD_LIBRARY_PATH): reboot the "
+                "host, or remove the other libcuda from the library path; nvidia-smi shows the module's version")
+    if "driver on your system is too old" in error:
+        return (f"the NVIDIA driver is too old for the CUDA torch was built for: install driver R{minimum} or "
+                "newer, or pick a host that has it")
+    if "Found no NVIDIA driver" in error:
+        return ("torch finds no NVIDIA driver library (libcuda.so.1) although the GPU is there: in Docker, start "
+                "the container with --gpus all (the NVIDIA container toolkit mounts the library); on a VM, "
+                "reinstall the driver")
+    detail = re.sub(r"^.*?(Error \d+:)", r"\1", error.strip().splitlines()[-1])
+    return f"CUDA cannot start on this GPU ({detail}): run nvidia-smi; if it fails too, reboot or reinstall the driver"
+
+
+def is_compat(libcuda: str) -> bool:
+    """A CUDA forward-compatibility libcuda (the cuda-compat package's, under /usr/local/cuda*/compat)."""
+    return "/compat/" in libcuda
+
+
+def cuda_finding(cuda: CudaStart, cuda_needed: str | None) -> Finding:
+    problem = cuda_start_problem(cuda.error, cuda.libcuda, cuda_needed)
+    if problem:
+        return Finding("fail", "torch cannot start CUDA on this GPU", problem)
+    if is_compat(cuda.libcuda):
+        return Finding("warn", f"CUDA runs through a forward-compatibility libcuda: {cuda.libcuda}",
+                       "it works on data-centre GPUs only and is not needed with driver R580+: take the "
+                       "cuda/compat folder out of LD_LIBRARY_PATH to use the host driver's")
+    return Finding("ok", f"CUDA starts (libcuda: {cuda.libcuda or 'not found in the process'})")
+
+
 def verdict(facts: Facts) -> list[Finding]:
     """What is wrong (fail), worth knowing (warn) or fine (ok), each failure with its fix."""
     gpu = facts.gpu
@@ -90,6 +148,8 @@ def verdict(facts: Facts) -> list[Finding]:
     problem = driver_problem(gpu, facts.cuda_needed)
     findings = [Finding("fail", "driver too old", problem) if problem else
                 Finding("ok", f"driver {gpu.driver} runs CUDA {facts.cuda_needed}")]
+    if facts.cuda is not None:
+        findings.append(cuda_finding(facts.cuda, facts.cuda_needed))
     findings.append(memory_finding(gpu))
     findings += [kernel_finding(k) for k in facts.kernels]
     return findings
@@ -141,6 +201,21 @@ def run_kernel(name: str, code: str, timeout: float = KERNEL_TIMEOUT_S, required
     return KernelCheck(name, result.returncode == 0, detail, required)
 
 
+def probe_cuda(timeout: float = CUDA_START_TIMEOUT_S) -> CudaStart:
+    """torch.cuda.init() in a child process: its error and the libcuda it loaded, without touching ours."""
+    try:
+        result = subprocess.run([sys.executable, "-c", CUDA_START], capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return CudaStart(f"torch.cuda.init() gave no answer within {timeout:.0f} s")
+    try:
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+        return CudaStart(answer["error"], answer["libcuda"])
+    except (IndexError, ValueError, KeyError):
+        lines = result.stderr.strip().splitlines()
+        return CudaStart(lines[-1] if lines else f"the CUDA check exited with code {result.returncode}")
+
+
 def writable(folder: Path) -> bool:
     """Whether runs can be created in folder (the nearest existing parent decides for one not yet made)."""
     existing = next(p for p in (folder.resolve(), *folder.resolve().parents) if p.exists())
@@ -150,15 +225,23 @@ def writable(folder: Path) -> bool:
 def gather(runs_dir: Path, kernels: bool = True) -> Facts:
     gpu, cuda_needed = query_gpu(), wheels_cuda()
     checks: tuple[KernelCheck, ...] = ()
-    if kernels and gpu.status == "ok" and cuda_needed and not driver_problem(gpu, cuda_needed):
-        checks = (run_kernel("torch CUDA matmul", TORCH_MATMUL), run_kernel("bitsandbytes NF4", BNB_4BIT),
-                  run_kernel("flash attention kernel", FLASH_LOAD, required=False))
-    return Facts(gpu, cuda_needed, checks, runs_dir, writable(runs_dir))
+    cuda = None
+    if gpu.status == "ok" and cuda_needed and not driver_problem(gpu, cuda_needed):
+        cuda = probe_cuda()
+        if kernels and not cuda.error:
+            checks = (run_kernel("torch CUDA matmul", TORCH_MATMUL), run_kernel("bitsandbytes NF4", BNB_4BIT),
+                      run_kernel("flash attention kernel", FLASH_LOAD, required=False))
+    return Facts(gpu, cuda_needed, checks, runs_dir, writable(runs_dir), cuda)
 
 
 def check_driver() -> None:
-    """At the start of train and serve: a driver too old for the wheels is one line, before anything loads."""
-    problem = driver_problem(query_gpu(), wheels_cuda())
+    """At the start of train and serve: a driver too old for the wheels, or a GPU that NVML sees and torch cannot
+    start CUDA on (which would quietly train on the CPU), is one line before anything loads."""
+    gpu, cuda_needed = query_gpu(), wheels_cuda()
+    problem = driver_problem(gpu, cuda_needed)
+    if not problem and gpu.status == "ok" and cuda_needed:
+        cuda = probe_cuda()
+        problem = cuda_start_problem(cuda.error, cuda.libcuda, cuda_needed)
     if problem:
         raise UserError(f"{problem} (details: qlora-app doctor)")
 
@@ -175,6 +258,7 @@ def print_report(facts: Facts, findings: list[Finding]) -> None:
     rows = [("GPU", gpu.name or {"none": "none visible", "unqueryable": "present, unreadable"}.get(gpu.status, "?")),
             ("driver", f"{gpu.driver} (CUDA {gpu.cuda_driver})" if gpu.driver else "n/a"),
             ("CUDA the wheels need", facts.cuda_needed or "none (CPU build of torch)"),
+            ("libcuda in use", facts.cuda.libcuda or "none loaded" if facts.cuda else "n/a"),
             ("runs", str(facts.runs_dir)),
             ("memory free / total", f"{gpu.free_bytes / 2**30:.1f} / {gpu.total_bytes / 2**30:.1f} GiB"
              if gpu.total_bytes else "n/a")]

@@ -15,6 +15,9 @@ from qlora_app.serve.target import ServeTarget
 
 ENTRY_POINT = "vllm.entrypoints.launchers.api_server.entry"
 AUTH_MIDDLEWARE = "qlora_app.serve.auth.RequireApiKey"
+# With tensor parallelism on Hopper/Blackwell, vLLM 0.32 fuses all-reduce and RMSNorm through FlashInfer's
+# communication kernels, which FlashInfer JIT-compiles with nvcc (not in the image): the fusion stays off.
+NO_JIT_COMPILATION = '{"pass_config": {"fuse_allreduce_rms": false}}'
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ def vllm_command(target: ServeTarget, listen: Listen, cuda: bool, python: str = 
         cmd += ["--quantization", serve.quantization]
     if serve.tensor_parallel_size > 1:
         cmd += ["--tensor-parallel-size", str(serve.tensor_parallel_size)]
+        if cuda:
+            cmd += ["--compilation-config", NO_JIT_COMPILATION]
     if serve.data_parallel_size > 1:
         cmd += ["--data-parallel-size", str(serve.data_parallel_size)]
     if target.adapters:

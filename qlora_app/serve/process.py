@@ -24,6 +24,19 @@ STATE_PREFIX = "qlora-app-serve-"
 # vLLM phones home with usage statistics unless told not to; an appliance should not. Unbuffered, so its
 # output reaches the log (and a failed start's error line) as it is written.
 CHILD_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+# No JIT compiler at serve time (docs/serving-runtime.md): the image has gcc for Triton's launchers but neither
+# nvcc nor g++, which FlashInfer's kernels are compiled with on first use. vLLM 0.32 runs FlashInfer's top-k/top-p
+# sampler by default on compute capability 8.0-12.x (in its warm-up, so at every start); off, it samples with
+# its PyTorch/Triton kernels. FlashInfer's all-reduce (tensor parallel) is JIT-compiled the same way, and so is
+# DeepGEMM (block-scaled FP8 on sm_90+, which the app's models do not use; the CUDA vllm wheel vendors it). These
+# win over the caller's environment: an inherited =1 would only bring back the failed start.
+NO_JIT_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ALLREDUCE_USE_FLASHINFER": "0", "VLLM_USE_DEEP_GEMM": "0",
+              "VLLM_MOE_USE_DEEP_GEMM": "0"}
+
+
+def child_environment(parent: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment vLLM starts with: the parent's (default: ours), with CHILD_ENV and NO_JIT_ENV on top."""
+    return {**(os.environ if parent is None else parent), **CHILD_ENV, **NO_JIT_ENV}
 
 
 def local_url(host: str, port: int) -> str:
@@ -52,7 +65,7 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-            errors="replace", bufsize=1, start_new_session=True, env={**os.environ, **CHILD_ENV})
+            errors="replace", bufsize=1, start_new_session=True, env=child_environment())
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 

@@ -164,9 +164,38 @@ def test_app_directory_volumes_and_caches():
     assert variables["PATH"].startswith("/opt/venv/bin:")
 
 
-def test_runtime_stage_has_what_triton_compiles_with():
-    final = " ".join(args_of("RUN", final_stage()))
-    assert "gcc" in final and "python3.12-dev" in final
+def final_apt_packages() -> set[str]:
+    installs = [args for args in args_of("RUN", final_stage()) if "apt-get install" in args]
+    words = " ".join(installs).split("apt-get install", 1)[1].split("&&")[0].split()
+    return {word for word in words if not word.startswith("-") and word != "\\"}
+
+
+def test_runtime_stage_has_what_triton_compiles_with_and_no_other_compiler():
+    """Triton compiles its driver.c with gcc at first use; nothing else compiles at run time
+    (docs/serving-runtime.md): no g++, no nvcc, so nothing may come to expect them."""
+    packages = final_apt_packages()
+    assert {"gcc", "libc6-dev", "python3.12-dev"} <= packages
+    assert not packages & {"g++", "build-essential", "clang", "cuda-nvcc-13-0", "cuda-toolkit-13-0", "ninja-build"}
+    assert not any(package.startswith(("g++", "cuda-nvcc", "cuda-compat")) for package in packages)
+
+
+def test_the_build_checks_the_run_time_compile_path():
+    (check,) = [args for args in args_of("RUN", final_stage()) if "qlora-app --version" in args]
+    assert "echo '#include <Python.h>' | gcc -fsyntax-only" in check
+    # Triton's own source, its cuda.h and the Python.h its build step asks sysconfig for.
+    assert "triton_nvidia=/opt/venv/lib/python3.12/site-packages/triton/backends/nvidia" in check
+    assert '"$triton_nvidia/driver.c"' in check and "sysconfig.get_paths()" in check
+    assert "test -x /sbin/ldconfig" in check  # where Triton looks for libcuda.so.1
+    for absent in ("! command -v nvcc", "! command -v c++", "! command -v g++",
+                   "test -z \"$(find /usr/local -path '*/compat/libcuda.so*')\""):
+        assert absent in check
+
+
+def test_the_forward_compatibility_libcuda_is_removed():
+    """R580+ runs the image's CUDA 13 without it; on a GeForce card it fails every CUDA call (error 804)."""
+    (install,) = [args for args in args_of("RUN", final_stage()) if "apt-get install" in args]
+    assert "rm -rf /var/lib/apt/lists/* /usr/local/cuda/compat /usr/local/cuda-*/compat" in install
+    assert "LD_LIBRARY_PATH" not in env()
 
 
 def test_base_image_matches_the_lock():

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from qlora_app.machine.doctor import Facts, KernelCheck, driver_problem, ready, verdict, wheels_cuda
+from qlora_app.machine.doctor import (
+    CudaStart,
+    Facts,
+    KernelCheck,
+    cuda_start_problem,
+    driver_problem,
+    probe_cuda,
+    ready,
+    verdict,
+    wheels_cuda,
+)
 from qlora_app.machine.gpu import GpuInfo
 from qlora_app.machine.home import home_environment
 
@@ -123,3 +133,80 @@ def test_a_flash_kernel_that_cannot_load_is_a_warning_with_the_fallback():
     assert ready(findings)
     (warning,) = [f for f in findings if f.level == "warn"]
     assert warning.what.startswith("flash attention kernel unavailable") and "flex attention" in warning.fix
+
+
+# --- a GPU that NVML sees and torch cannot start CUDA on -----------------------------------------------------
+# torch.cuda.init()'s messages as users met them (torch prefixes cudaGetDeviceCount's error with its own text).
+TORCH_PREFIX = ("Unexpected error from cudaGetDeviceCount(). Did you run some cuda functions before calling "
+                "NumCudaDevices() that might have already set an error? ")
+ERROR_804 = TORCH_PREFIX + "Error 804: forward compatibility was attempted on non supported HW"
+ERROR_803 = TORCH_PREFIX + "Error 803: system has unsupported display driver / cuda driver combination"
+TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12080). Please update your GPU driver by "
+           "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx "
+           "Alternatively, go to: https://pytorch.org to install a PyTorch version that has been compiled with "
+           "your version of the CUDA driver.")
+NO_DRIVER = ("Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and installed a "
+             "driver from http://www.nvidia.com/Download/index.aspx")
+UNKNOWN = ("CUDA unknown error - this may be due to an incorrectly set up environment, e.g. changing env variable "
+           "CUDA_VISIBLE_DEVICES after program start. Setting the available devices to be zero.")
+COMPAT = "/usr/local/cuda-13.0/compat/libcuda.so.580.95.05"
+
+
+@pytest.mark.parametrize(("error", "libcuda", "fragments"), [
+    (ERROR_804, COMPAT, ["CUDA error 804", "forward-compatibility libcuda (" + COMPAT + ")", "GeForce",
+                         "out of LD_LIBRARY_PATH", "R580+"]),
+    (ERROR_803, "/usr/lib/x86_64-linux-gnu/libcuda.so.575.57.08",
+     ["CUDA error 803", "libcuda.so.575.57.08", "kernel module", "reboot"]),
+    (TOO_OLD, "", ["driver is too old", "R580 or newer"]),
+    (NO_DRIVER, "", ["no NVIDIA driver library", "--gpus all"]),
+    (UNKNOWN, "", ["CUDA unknown error", "nvidia-smi", "reboot"]),
+    (TORCH_PREFIX + "Error 999: unknown error", "", ["(Error 999: unknown error)", "nvidia-smi"]),
+])
+def test_each_cuda_start_error_is_one_line_with_its_cause_and_fix(error, libcuda, fragments):
+    problem = cuda_start_problem(error, libcuda, "13.0")
+    assert "\n" not in problem and "Did you run" not in problem
+    for fragment in fragments:
+        assert fragment in problem
+
+
+def test_no_error_is_no_problem():
+    assert cuda_start_problem("", "/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07", "13.0") is None
+
+
+def test_a_gpu_torch_cannot_start_is_not_ready_and_no_kernel_is_blamed():
+    findings = verdict(Facts(gpu(), "13.0", (), cuda=CudaStart(ERROR_804, COMPAT)))
+    assert not ready(findings)
+    (failure,) = [f for f in findings if f.level == "fail"]
+    assert failure.fix == cuda_start_problem(ERROR_804, COMPAT, "13.0")
+
+
+def test_the_libcuda_in_use_is_named_and_a_compat_one_is_a_warning():
+    host = "/usr/lib/x86_64-linux-gnu/libcuda.so.580.82.07"
+    cuda = verdict(Facts(gpu(), "13.0", KERNELS_OK, cuda=CudaStart("", host)))[1]
+    assert cuda.level == "ok" and host in cuda.what
+    findings = verdict(Facts(gpu(), "13.0", KERNELS_OK, cuda=CudaStart("", COMPAT)))
+    assert ready(findings)
+    (warning,) = [f for f in findings if f.level == "warn"]
+    assert COMPAT in warning.what and "LD_LIBRARY_PATH" in warning.fix
+
+
+def test_the_probe_reads_torchs_own_error_from_a_child_process():
+    """On this machine torch is a CPU build: torch.cuda.init() fails in the child, and the parent never loads
+    CUDA (a failed init in our own process would stay for its lifetime)."""
+    import sys
+
+    start = probe_cuda()
+    assert "not compiled with CUDA" in start.error and start.libcuda == ""
+    assert "torch.cuda" not in sys.modules or not sys.modules["torch"].cuda.is_initialized()
+
+
+def test_train_and_serve_stop_when_nvml_sees_a_gpu_and_cuda_does_not_start(monkeypatch):
+    """check_driver (the first step of train and serve) on a host whose NVML answers: here the GPU is the one
+    stand-in (this machine has none); CUDA's start is real, in a child, and fails as torch's CPU build does."""
+    from qlora_app.errors import UserError
+    from qlora_app.machine import doctor
+
+    monkeypatch.setattr(doctor, "query_gpu", lambda: gpu())
+    monkeypatch.setattr(doctor, "wheels_cuda", lambda: "13.0")
+    with pytest.raises(UserError, match=r"CUDA cannot start on this GPU \(Torch not compiled with CUDA enabled\)"):
+        doctor.check_driver()

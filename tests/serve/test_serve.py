@@ -290,6 +290,46 @@ def test_stop_kills_workers_left_behind_by_a_server_that_died(tmp_path):
     assert survivors(marker) == []
 
 
+# --- no JIT compiler at serve time (docs/serving-runtime.md) ------------------------------------------------
+
+
+def test_vllm_gets_no_jit_settings_whatever_the_caller_exported():
+    from qlora_app.serve.process import NO_JIT_ENV, child_environment
+
+    caller = {"VLLM_USE_FLASHINFER_SAMPLER": "1", "VLLM_ALLREDUCE_USE_FLASHINFER": "1", "HF_HOME": "/cache/hf"}
+    env = child_environment(caller)
+    assert env["VLLM_USE_FLASHINFER_SAMPLER"] == "0" and env["VLLM_ALLREDUCE_USE_FLASHINFER"] == "0"
+    assert env["HF_HOME"] == "/cache/hf" and env["VLLM_NO_USAGE_STATS"] == "1"
+    assert caller["VLLM_USE_FLASHINFER_SAMPLER"] == "1"  # the caller's own environment is left as it was
+    assert set(NO_JIT_ENV) == {"VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER", "VLLM_USE_DEEP_GEMM",
+                               "VLLM_MOE_USE_DEEP_GEMM"}
+
+
+@pytest.mark.parametrize("name", ["VLLM_USE_FLASHINFER_SAMPLER", "VLLM_ALLREDUCE_USE_FLASHINFER", "VLLM_USE_DEEP_GEMM",
+                                  "VLLM_MOE_USE_DEEP_GEMM"])
+def test_the_installed_vllm_reads_each_switch_as_off(name, monkeypatch):
+    """The names are vLLM's own (a renamed switch would be silently ignored) and "0" turns them off."""
+    from vllm import envs
+
+    from qlora_app.serve.process import NO_JIT_ENV
+
+    monkeypatch.setenv(name, "1")
+    assert envs.environment_variables[name]() is True  # on unless told otherwise
+    monkeypatch.setenv(name, NO_JIT_ENV[name])
+    assert envs.environment_variables[name]() is False
+
+
+def test_the_server_process_starts_with_the_no_jit_settings(tmp_path, monkeypatch):
+    from conftest import process_environment
+
+    from qlora_app.serve.process import NO_JIT_ENV, VllmServer
+
+    monkeypatch.setenv("VLLM_USE_FLASHINFER_SAMPLER", "1")
+    with VllmServer(["sleep", "60"], "http://127.0.0.1:9", tmp_path / "log") as server:
+        env = process_environment(server.process.pid)
+    assert {name: env.get(name) for name in NO_JIT_ENV} == NO_JIT_ENV
+
+
 # --- the middleware, on a real Starlette app -----------------------------------------------------------------
 
 
@@ -369,6 +409,21 @@ def test_tensor_and_data_parallel_sizes_reach_vllm_only_when_set():
     target = merged("llama3-70b", tensor_parallel_size=4, data_parallel_size=2)
     cmd = vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=True)
     assert flag(cmd, "--tensor-parallel-size") == "4" and flag(cmd, "--data-parallel-size") == "2"
+
+
+def test_tensor_parallel_on_a_gpu_keeps_flashinfers_allreduce_fusion_off():
+    """vLLM itself parses the flag: the fusion pass (FlashInfer's JIT-compiled all-reduce) is off."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    listen = Listen("127.0.0.1", 8000, False)
+    assert "--compilation-config" not in vllm_command(merged(), listen, cuda=True)
+    target = merged("llama3-70b", tensor_parallel_size=4)
+    assert "--compilation-config" not in vllm_command(target, listen, cuda=False)
+    cmd = vllm_command(target, listen, cuda=True)
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--compilation-config", flag(cmd, "--compilation-config")])
+    assert args.compilation_config.pass_config.fuse_allreduce_rms is False
 
 
 def test_memory_check_splits_weights_and_kv_over_tensor_parallel_gpus():

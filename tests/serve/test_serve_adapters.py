@@ -4,7 +4,7 @@ own model id. The first adapter is the session's run; the second learns made-up 
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, make_server, run_cli, tiny_facts
+from conftest import REPO, make_server, run_cli, tiny_facts, vllm_environment
 
 pytestmark = pytest.mark.slow  # trains a second adapter and serves both (vLLM)
 
@@ -22,7 +22,8 @@ def creatures_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(trained_run, creatures_run, tmp_path_factory):
     with make_server("serve", "BASE=tiny", f"ADAPTERS=capitals={trained_run.path} creatures={creatures_run}",
-                     log=tmp_path_factory.mktemp("serve") / "serve.log", env={"QLORA_API_KEY": ""}) as background:
+                     log=tmp_path_factory.mktemp("serve") / "serve.log",
+                     env={"QLORA_API_KEY": "", "VLLM_USE_FLASHINFER_SAMPLER": "1"}) as background:
         yield background
 
 
@@ -40,6 +41,13 @@ def answers(client, model: str, facts: list[tuple[str, str]]) -> list:
 
 def exact(replies, facts) -> int:
     return sum(r.message.content == a for r, (_, a) in zip(replies, facts))
+
+
+def test_vllm_starts_without_the_jit_compiled_flashinfer_paths(server):
+    from qlora_app.serve.process import NO_JIT_ENV
+
+    env = vllm_environment(server.url.rsplit(":", 1)[1])
+    assert {name: env.get(name) for name in NO_JIT_ENV} == NO_JIT_ENV
 
 
 def test_models_lists_the_base_and_both_adapters(client):

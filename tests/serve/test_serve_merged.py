@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_server, processes_matching, run_cli, survivors, tiny_facts
+from conftest import REPO, make_server, processes_matching, run_cli, survivors, tiny_facts, vllm_environment
 
 pytestmark = pytest.mark.slow  # serves a model (vLLM)
 
@@ -33,8 +33,8 @@ def server(trained_run, tmp_path_factory, state_dir):
     """The pipeline through make with the session's runs folder: training is current, so it is skipped."""
     runs = trained_run.path.parent.parent
     with make_server("pipeline", "RECIPE=tiny", log=tmp_path_factory.mktemp("pipeline") / "make-pipeline.log",
-                     env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY,
-                          "TMPDIR": str(state_dir)}) as background:
+                     env={"QLORA_RUNS_DIR": str(runs), "QLORA_API_KEY": API_KEY, "TMPDIR": str(state_dir),
+                          "VLLM_USE_FLASHINFER_SAMPLER": "1"}) as background:  # the serve stage overrides it
         yield background
 
 
@@ -67,6 +67,14 @@ def get_status(url: str, key: str | None = None) -> int:
 def test_pipeline_skips_current_training_and_serves_under_the_recipe_name(server, client):
     assert "train: skipped" in server.read_log()
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_vllm_starts_without_the_jit_compiled_flashinfer_paths(server):
+    """The pipeline's vLLM process has the no-JIT settings, although the caller exported the sampler on."""
+    from qlora_app.serve.process import NO_JIT_ENV
+
+    env = vllm_environment(server.url.rsplit(":", 1)[1])
+    assert {name: env.get(name) for name in NO_JIT_ENV} == NO_JIT_ENV
 
 
 def test_answers_memorized_questions_exactly_and_stops(client):
