@@ -451,3 +451,27 @@ def test_thinking_choice_reaches_vllm_as_its_default_chat_template_kwargs():
     cmd = vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=False)
     assert json.loads(flag(cmd, "--default-chat-template-kwargs")) == {"enable_thinking": False}
     assert "--default-chat-template-kwargs" not in vllm_command(merged(), Listen("127.0.0.1", 8000, False), cuda=False)
+
+
+def test_the_refusal_is_valid_asgi_with_lowercase_header_names(monkeypatch):
+    """ASGI servers pass header names through as given: HTTP/2 and some proxies reject uppercase ones."""
+    import asyncio
+
+    from qlora_app.serve.auth import RequireApiKey
+
+    monkeypatch.setenv("QLORA_API_KEY", KEY)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "path": "/v1/models", "headers": [], "method": "GET"}
+    asyncio.run(RequireApiKey(app=None)(scope, receive, send))
+    start, body = sent
+    assert start["status"] == 401
+    names = [name for name, _ in start["headers"]]
+    assert names == [name.lower() for name in names] and {b"content-type", b"content-length"} <= set(names)
+    assert int(dict(start["headers"])[b"content-length"]) == len(body["body"])
