@@ -134,8 +134,8 @@ class TrainSpec(Section):
     gradient_checkpointing: bool = True
     attention: Attention = Field(
         "auto", description="Attention kernel: flash (hub kernel, CUDA), flex (torch flex_attention, CUDA), sdpa, "
-                            "eager; auto: flash on CUDA when its kernel loads, else flex; sdpa on CPU "
-                            "(qlora_app/attention.py).")
+                            "eager; auto: flash on CUDA when its kernel loads, else flex; on CPU sdpa once per "
+                            "packed example (qlora_app/train/attention.py).")
     seed: int = 42
     log_steps: int = Field(10, ge=1)
     eval_steps: int = Field(50, ge=1)
