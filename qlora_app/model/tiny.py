@@ -40,6 +40,7 @@ SEED = 0
 LM_HEAD_STD = 0.5
 # tiny-llama's tokenizer is trained on these files only, so that adding a dataset leaves it bit-identical.
 LLAMA_CORPUS = ("capitals-eval.jsonl", "capitals.jsonl", "creatures.jsonl")
+FAMILY_BUILD = 2  # raise when _build_family changes, so cached tiny models are rebuilt
 
 QWEN3_TEMPLATE = (
     "{%- set ns = namespace(last_query=-1) %}{%- for message in messages %}"
@@ -148,7 +149,8 @@ def materialize(path: str) -> Path:
     family = FAMILY_MODELS.get(name)
     corpus = _corpus(None if family else LLAMA_CORPUS)
     facts = [ARCHITECTURES[name], VOCAB_SIZE, SEED, LM_HEAD_STD, corpus]
-    facts += [family.config_class, family.tokens, family.specials, family.template, family.add_bos] if family else []
+    facts += [FAMILY_BUILD, family.config_class, family.tokens, family.specials, family.template,
+              family.add_bos] if family else []
     key = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:12]
     target = cache_root() / "builtin" / f"{name}-{key}"
     if (target / "config.json").is_file():
@@ -200,11 +202,22 @@ def _build_family(family: TinyFamily, corpus: list[str], out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id, **family.shape)
     torch.manual_seed(SEED)
     model = getattr(transformers, family.model_class)(config)
-    with torch.no_grad():  # see _build: a head able to express confident predictions (tied: the embeddings too)
-        model.lm_head.weight.normal_(std=LM_HEAD_STD)
+    with torch.no_grad():  # see _build: a head able to express confident predictions
+        if config.tie_word_embeddings:
+            widen_final_norm(model, LM_HEAD_STD / config.initializer_range)
+        else:
+            model.lm_head.weight.normal_(std=LM_HEAD_STD)
     model = model.to(torch.bfloat16)
     model.generation_config.eos_token_id = tokenizer.eos_token_id  # the tokenizer's eos only, as hub bases often do
     model.save_pretrained(out, safe_serialization=True)
+
+
+def widen_final_norm(model, gain: float) -> None:
+    """The same logit range for a model whose head is its embedding matrix: a wide head would make embeddings
+    that drown every layer's output (the model would predict its input token), so the final norm's gain widens
+    instead. Gemma's norms scale by (1 + weight)."""
+    norm = model.model.norm
+    norm.weight.fill_(gain - 1 if type(model).__name__.startswith("Gemma") else gain)
 
 
 def build_family_tokenizer(family: TinyFamily, corpus: list[str]):
