@@ -186,7 +186,14 @@ def test_phi3_template_uses_its_tags_and_pads_with_eos_until_training_fixes_it()
 
 # --- end to end (slow): train, merge, serve with vLLM, ask every turn -------------------------------------------
 
-@pytest.fixture(scope="module", params=list(TINY))
+# Qwen3's template drops <think> from history turns and Phi-3's ends a conversation with eos: both render the
+# history differently from the last turn, which training takes apart per assistant turn (issue 18, item 2).
+PER_TURN = pytest.mark.xfail(strict=True, reason="needs per-turn encoding of templates that render history "
+                                                 "differently (issue 18 item 2, branch encoding)")
+
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=PER_TURN) if n in ("tiny-qwen3", "tiny-phi3") else n
+                                        for n in TINY])
 def merged_run(request, tmp_path_factory) -> tuple[str, Path]:
     """One family's tiny model trained on the keepers set and merged, with the real CLI."""
     name, folder = request.param, tmp_path_factory.mktemp(request.param)
