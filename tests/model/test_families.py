@@ -121,6 +121,15 @@ def test_phi_projections_are_fused():
                       "down_proj": (17920, 5120)}
 
 
+def test_gemma3_sliding_layers_keep_only_their_window_of_kv_cache():
+    from qlora_app.serve.checks import kv_bytes, kv_bytes_per_token
+
+    gemma = load_architecture(ModelSpec(path="google/gemma-3-1b-it"))
+    per_layer = kv_bytes_per_token(gemma) // gemma.layers
+    assert kv_bytes(gemma, 8192) == per_layer * (4 * 8192 + 22 * 512)
+    assert kv_bytes(gemma, 256) == kv_bytes_per_token(gemma) * 256
+
+
 def model_folder(tmp_path: Path, config: dict) -> Path:
     folder = tmp_path / "model"
     folder.mkdir()
@@ -255,3 +264,4 @@ def test_served_model_answers_a_later_turn_from_its_history(served):
     name, client = served
     for chat in conversations():
         assert ask(client, name, chat[:3]) == (chat[3]["content"], "stop")
+
