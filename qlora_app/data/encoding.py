@@ -1,18 +1,21 @@
 """Tokenizer set-up and the rendering of records into input ids and labels.
 
-Chats are rendered with the tokenizer's chat template (or the recipe's) exactly as a server will render them,
-and only the assistant's tokens carry labels: each assistant turn's span is found by rendering the
-conversation up to that turn with and without it, and mapping the character span onto tokens through the
-tokenizer's offsets (robust to templates that tokenize differently at a boundary). Every assistant span must
-end with the template's end-of-turn token, which is labelled, so the tuned model learns to stop.
+Chats are trained exactly as a server will render them (qlora_app/data/turns.py): each assistant turn on the
+tokens vLLM puts before it, with labels only on that turn's answer and its end-of-turn token, so the tuned
+model learns to stop. When every turn's prompt and answer are a prefix of the last turn's (the template renders
+history as it rendered the turn), the conversation is one example with every assistant turn labelled; when the
+template renders history differently (Qwen3 drops past think blocks; Mistral-Nemo moves the system prompt to
+the last user message), each assistant turn is an example of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from qlora_app.data import turns as chat_turns
 from qlora_app.data.sources import Records
+from qlora_app.data.turns import Turn, assistant_turns
 from qlora_app.errors import UserError
 from qlora_app.hub import access
 from qlora_app.model.loading import model_location
@@ -23,8 +26,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
-# Unused special tokens that make a safe pad, in order of preference (Llama 3.1, Llama 3, others).
-PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|pad|>", "<pad>", "[PAD]")
+# Unused special tokens that make a safe pad, in order of preference (Llama 3.1, Llama 3, others, then Qwen's base
+# models, whose pad is their EOS <|endoftext|>).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|pad|>", "<pad>", "[PAD]",
+                  "<|fim_pad|>", "<|vision_pad|>")
+Example = tuple[list[int], list[int]]  # (input ids, labels)
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
@@ -79,55 +85,58 @@ class Encoded:
         return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels})
 
 
-def encode(records: Records, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+def encode(records: Records, tokenizer: PreTrainedTokenizerBase, max_length: int,
+           template_kwargs: dict[str, Any] | None = None) -> Encoded:
+    """Examples of every record; template_kwargs (the recipe's model.template_kwargs) reach the chat template."""
     if records.format == "chat" and not tokenizer.chat_template:
         raise UserError(f"{records.origin} is chat data but the model's tokenizer has no chat template: "
                         "set model.chat_template in the recipe")
+    if records.format == "chat" and template_kwargs:
+        chat_turns.check_template_kwargs(tokenizer, template_kwargs)
     ids_out, labels_out, dropped, truncated, eot = [], [], 0, 0, None
-    for row in records.rows:
+    for index, row in enumerate(records.rows):
         if "messages" in row:
-            ids, labels, eot = encode_chat(row["messages"], tokenizer, records.origin)
-            if len(ids) > max_length:  # cutting a chat would cut its end-of-turn token: drop it instead
-                dropped += 1
-                continue
+            examples = chat_examples(row["messages"], tokenizer, records.where(index), template_kwargs)
+            eot = examples[-1][0][-1]
+            kept = [(ids, labels) for ids, labels in examples if len(ids) <= max_length]
+            dropped += len(examples) - len(kept)  # cutting a chat would cut its end-of-turn token: drop it instead
         else:
             ids, labels = encode_text(row["text"], tokenizer)
             if len(ids) > max_length:
                 ids, labels, truncated = ids[:max_length], labels[:max_length], truncated + 1
-        ids_out.append(ids)
-        labels_out.append(labels)
+            kept = [(ids, labels)]
+        ids_out += [ids for ids, _ in kept]
+        labels_out += [labels for _, labels in kept]
     if not ids_out:
         raise UserError(f"{records.origin}: all {dropped} examples are longer than data.max_length={max_length} "
                         "tokens; raise data.max_length")
     return Encoded(ids_out, labels_out, dropped, truncated, eot)
 
 
-def encode_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, origin: str) -> tuple[list, list, int]:
-    full = render(tokenizer, messages)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+def chat_examples(messages: list[dict], tokenizer: PreTrainedTokenizerBase, where: str,
+                  template_kwargs: dict[str, Any] | None = None) -> list[Example]:
+    """A conversation's examples: one if the template renders it prefix by prefix, else one per assistant turn."""
+    turns = assistant_turns(messages, tokenizer, where, template_kwargs)
+    whole = turns[-1].ids
+    if all(whole[: len(t.ids)] == t.ids for t in turns):
+        return [(whole, labelled(whole, turns))]
+    return [(t.ids, labelled(t.ids, [t])) for t in turns]
+
+
+def labelled(ids: list[int], turns: list[Turn]) -> list[int]:
     labels = [IGNORE] * len(ids)
-    special = set(tokenizer.all_special_ids)
-    eot = None
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = render(tokenizer, messages[: i + 1])
-        if not full.startswith(upto) or start > len(upto):
-            raise UserError(f"{origin}: the chat template does not render conversations prefix by prefix, so "
-                            "assistant turns cannot be located; use a template that does")
-        span = [k for k, (a, b) in enumerate(offsets) if b > start and a < len(upto)]
-        ends = [ids[k] for k in span if ids[k] in special]
-        if not ends:
-            raise UserError(f"{origin}: the chat template ends assistant turns without a special end-of-turn "
-                            "token, so the model would never learn to stop; fix model.chat_template")
-        eot = ends[-1]
-        last = max(k for k in span if ids[k] == eot)
-        for k in span:
-            if k <= last:
-                labels[k] = ids[k]
-    return ids, labels, eot
+    for turn in turns:
+        start = len(turn.prompt)
+        labels[start: start + len(turn.answer)] = turn.answer
+    return labels
+
+
+def encode_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, origin: str,
+                template_kwargs: dict[str, Any] | None = None) -> tuple[list, list, int]:
+    """(ids, labels, end-of-turn id) of the conversation's last example: the whole conversation when the
+    template renders it prefix by prefix, else its last assistant turn."""
+    ids, labels = chat_examples(messages, tokenizer, origin, template_kwargs)[-1]
+    return ids, labels, ids[-1]
 
 
 def encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list, list]:
@@ -138,8 +147,6 @@ def encode_text(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list, li
     return ids, list(ids)
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # jinja raises its own errors, e.g. "roles must alternate"
-        raise UserError(f"the chat template rejected a conversation: {str(exc).splitlines()[0]}") from None
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False,
+           where: str = "the conversation", **template_kwargs) -> str:
+    return chat_turns.render(tokenizer, messages, where, add_generation_prompt, **template_kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ class Records:
     rows: list[dict[str, Any]]
     format: str
     origin: str
+    locations: tuple[str, ...] = field(default=(), compare=False)  # 'file:line' of each row, for errors
+
+    def where(self, index: int) -> str:
+        return self.locations[index] if index < len(self.locations) else f"{self.origin} record {index + 1}"
 
     @property
     def fingerprint(self) -> str:
@@ -69,10 +73,14 @@ def split_off_eval(records: Records, fraction: float) -> tuple[Records, Records]
     if n_eval >= len(order):
         raise UserError(f"{records.origin}: {len(order)} examples are too few to hold out {fraction:.0%} for eval")
     held = set(order[:n_eval])
-    keep = [r for i, r in enumerate(records.rows) if i not in held]
-    out = [r for i, r in enumerate(records.rows) if i in held]
-    return (Records(keep, records.format, records.origin),
-            Records(out, records.format, f"{records.origin} (held-out {fraction:.0%})"))
+    keep = [i for i in range(len(order)) if i not in held]
+    out = [i for i in range(len(order)) if i in held]
+    return (subset(records, keep, records.origin), subset(records, out, f"{records.origin} (held-out {fraction:.0%})"))
+
+
+def subset(records: Records, indices: list[int], origin: str) -> Records:
+    return Records([records.rows[i] for i in indices], records.format, origin,
+                   tuple(records.where(i) for i in indices))
 
 
 def _is_local(source: str) -> bool:
@@ -171,7 +179,7 @@ def detect_format(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str
 
 def normalize(rows: list[tuple[str, dict]], fmt: str, origin: str) -> Records:
     convert = CONVERTERS[fmt]
-    out = []
+    out, locations = [], []
     for where, record in rows:
         for column in FORMAT_COLUMNS[fmt]:
             if column not in record:
@@ -180,7 +188,8 @@ def normalize(rows: list[tuple[str, dict]], fmt: str, origin: str) -> Records:
             out.append(convert(record))
         except (TypeError, ValueError, KeyError) as exc:
             raise UserError(f"{where}: {exc}") from None
-    return Records(out, "text" if fmt == "text" else "chat", origin)
+        locations.append(where)
+    return Records(out, "text" if fmt == "text" else "chat", origin, tuple(locations))
 
 
 def _from_messages(record: dict) -> dict:
@@ -232,10 +241,20 @@ def _check_turns(turns: Any, role_key: str, content_key: str) -> list[dict]:
             raise ValueError(f"turn {i}: role '{turn[role_key]}' is not one of {', '.join(ROLES)}")
         if not isinstance(turn[content_key], str) or not turn[content_key].strip():
             raise ValueError(f"turn {i} ({turn[role_key]}): content must be a non-empty string")
-        clean.append({"role": turn[role_key], "content": turn[content_key]})
+        clean.append({"role": turn[role_key], "content": turn[content_key], **_reasoning(turn, i)})
     if not any(t["role"] == "assistant" for t in clean):
         raise ValueError("no assistant turn to learn from")
     return clean
+
+
+def _reasoning(turn: dict, i: int) -> dict:
+    """An assistant turn's reasoning ('reasoning_content', or vLLM's newer name 'reasoning'), kept for the template."""
+    text = turn.get("reasoning_content", turn.get("reasoning"))
+    if text is None:
+        return {}
+    if turn.get("role") != "assistant" or not isinstance(text, str):
+        raise ValueError(f"turn {i}: reasoning_content belongs on an assistant turn and must be a string")
+    return {"reasoning_content": text}
 
 
 CONVERTERS: dict[str, Callable[[dict], dict]] = {

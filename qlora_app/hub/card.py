@@ -101,20 +101,37 @@ def summary(recipe, run: RunDir, manifest: dict, facts: CardFacts) -> str:
             f"- run: {run.path.name}\n"
             f"- data: {recipe.data.source}: {data.get('train_examples', 'n/a')} train / "
             f"{data.get('eval_examples', 'n/a')} held-out examples (fingerprint {data.get('fingerprint', 'n/a')})\n"
-            f"- held-out loss: base {fmt(losses.get('base_eval_loss'))}, tuned {fmt(losses.get('final_eval_loss'))}\n")
+            f"- held-out loss: base {fmt(losses.get('base_eval_loss'))}, tuned {fmt(losses.get('final_eval_loss'))}\n"
+            f"{template_line(recipe)}")
+
+
+def template_line(recipe) -> str:
+    """The chat-template arguments the model was trained with, which every prompt must be rendered with too."""
+    kwargs = recipe.model.template_kwargs
+    if not kwargs:
+        return ""
+    thinking = {True: "thinking on", False: "thinking off"}.get(kwargs.get("enable_thinking"), "")
+    return (f"- chat template arguments: `{json.dumps(kwargs, sort_keys=True)}`{f' ({thinking})' if thinking else ''}"
+            "; trained with them: render prompts with the same (vLLM: `--default-chat-template-kwargs`, "
+            "transformers: `apply_chat_template(..., **kwargs)`)\n")
+
+
+def template_flag(recipe) -> str:
+    kwargs = recipe.model.template_kwargs
+    return f" --default-chat-template-kwargs '{json.dumps(kwargs, sort_keys=True)}'" if kwargs else ""
 
 
 def usage(recipe, facts: CardFacts) -> str:
     ref, base, name = facts.model_ref, recipe.model.path, recipe.name
     if facts.kind == "merged":
         return ("## Use\n\nServe with vLLM's OpenAI-compatible server:\n\n"
-                f"```bash\nvllm serve {ref} --served-model-name {name}\n```\n\n"
+                f"```bash\nvllm serve {ref} --served-model-name {name}{template_flag(recipe)}\n```\n\n"
                 "Load with transformers:\n\n```python\nfrom transformers import AutoModelForCausalLM, "
                 f"AutoTokenizer\n\nmodel = AutoModelForCausalLM.from_pretrained(\"{ref}\", dtype=\"auto\")\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{ref}\")\n```\n")
     return ("## Use\n\nServe on its base with vLLM (adapter mode; one base can serve many adapters):\n\n"
             f"```bash\nvllm serve {base} --enable-lora --max-lora-rank {vllm_rank(recipe.lora.r)} "
-            f"--lora-modules {name}={ref}\n```\n\n"
+            f"--lora-modules {name}={ref}{template_flag(recipe)}\n```\n\n"
             "Load with transformers and peft:\n\n```python\nfrom peft import AutoPeftModelForCausalLM\n"
             "from transformers import AutoTokenizer\n\n"
             f"model = AutoPeftModelForCausalLM.from_pretrained(\"{ref}\", dtype=\"auto\")\n"

@@ -50,7 +50,7 @@ def heldout_examples(recipe: Recipe, tokenizer) -> list[tuple[list[int], list[in
     from qlora_app.data.sources import load_splits
 
     _, held_out = load_splits(recipe.data)
-    encoded = encode(held_out, tokenizer, recipe.data.max_length)
+    encoded = encode(held_out, tokenizer, recipe.data.max_length, recipe.model.template_kwargs)
     return list(zip(encoded.input_ids, encoded.labels))[:MAX_EXAMPLES]
 
 

@@ -6,7 +6,7 @@ must never silently fall back to a default), and defaults are what a 24 GB GPU w
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,6 +34,33 @@ class ModelSpec(Section):
     chat_template: str | None = Field(
         None, description="Jinja chat template for base models that have none (replaces the tokenizer's)."
     )
+    enable_thinking: bool | None = Field(
+        None, description="Reasoning templates (Qwen3 and the like): train and serve with thinking on (true) or off "
+                          "(false); null leaves the template's default. Reaches the template in training, vLLM's "
+                          "--default-chat-template-kwargs and the model card (docs/chat-templates.md).")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further variables for the chat template, in training and serving alike.")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, value):
+        reserved = sorted(set(value) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be set here (the stages set them per call"
+                             + ("; use model.enable_thinking" if "enable_thinking" in reserved else "") + ")")
+        return value
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """What training passes to apply_chat_template and vLLM takes as its default chat-template kwargs."""
+        thinking = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return {**self.chat_template_kwargs, **thinking}
+
+
+# Arguments of apply_chat_template itself, or set by the stages per call: not template variables a recipe sets.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt", "continue_final_message",
+                                      "tokenize", "chat_template", "tools", "documents", "return_dict",
+                                      "enable_thinking"})
 
 
 class QuantizationSpec(Section):

@@ -7,6 +7,7 @@ environment, and the Hub token through HF_TOKEN.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ def vllm_command(target: ServeTarget, listen: Listen, cuda: bool, python: str = 
            "--host", listen.host, "--port", str(listen.port)]
     if target.revision:
         cmd += ["--revision", target.revision]
+    if model.template_kwargs:  # thinking on/off and the like, as the model was trained (request values still win)
+        cmd += ["--default-chat-template-kwargs", json.dumps(model.template_kwargs, sort_keys=True)]
     if cuda and serve.quantization != "none":
         cmd += ["--quantization", serve.quantization]
     if serve.tensor_parallel_size > 1:

@@ -49,8 +49,9 @@ class PreparedData:
 
 def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     train_records, eval_records = load_splits(recipe.data)
-    train = encode(train_records, tokenizer, recipe.data.max_length)
-    held_out = encode(eval_records, tokenizer, recipe.data.max_length)
+    kwargs = recipe.model.template_kwargs
+    train = encode(train_records, tokenizer, recipe.data.max_length, kwargs)
+    held_out = encode(eval_records, tokenizer, recipe.data.max_length, kwargs)
     return PreparedData(train, held_out, train_records, eval_records)
 
 

@@ -361,3 +361,13 @@ def test_memory_check_splits_weights_and_kv_over_tensor_parallel_gpus():
     with pytest.raises(UserError, match=r"1/4 of them on each GPU"):
         check_fits(merged("llama3-70b", tensor_parallel_size=4), arch, 24 * GiB, weights)  # 33 GiB each
     check_fits(merged("llama3-70b", tensor_parallel_size=8), arch, 24 * GiB, weights)
+
+
+def test_thinking_choice_reaches_vllm_as_its_default_chat_template_kwargs():
+    """vLLM 0.32's --default-chat-template-kwargs (vllm/entrypoints/launchers/cli_args.py, FrontendArgs) takes
+    JSON; request-level chat_template_kwargs still win."""
+    recipe = load_recipe("tiny", ["model.enable_thinking=false"])
+    target = ServeTarget(recipe, "/runs/tiny/1/merged", recipe.name, Path("/runs/tiny/1/merged"))
+    cmd = vllm_command(target, Listen("127.0.0.1", 8000, False), cuda=False)
+    assert json.loads(flag(cmd, "--default-chat-template-kwargs")) == {"enable_thinking": False}
+    assert "--default-chat-template-kwargs" not in vllm_command(merged(), Listen("127.0.0.1", 8000, False), cuda=False)
