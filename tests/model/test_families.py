@@ -60,7 +60,7 @@ def family_recipe(folder: Path, name: str) -> Path:
         "train": {"epochs": 60, "batch_size": 4, "grad_accum": 1, "lr": 3.0e-3, "lr_scheduler": "cosine",
                   "warmup_ratio": 0.05, "weight_decay": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw_torch",
                   "eval_steps": 1000, "save_steps": 1000, "report_to": []},
-        "serve": {"max_model_len": 256, "gpu_memory_utilization": 0.5},
+        "serve": {"max_model_len": 256, "gpu_memory_utilization": 0.1},  # on CPU: 10% of RAM held for KV
     }
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -214,7 +214,8 @@ def served(merged_run, tmp_path_factory):
 
     name, run = merged_run
     port = free_port()
-    server = Background([sys.executable, "-m", "qlora_app", "serve", str(run), "--port", str(port)],
+    server = Background([sys.executable, "-m", "qlora_app", "serve", str(run), "--port", str(port), "--runs-dir",
+                         str(run.parent.parent)],
                         f"http://127.0.0.1:{port}", log=tmp_path_factory.mktemp("serve") / f"{name}.log")
     try:
         server.wait_healthy(timeout=600)
