@@ -88,9 +88,12 @@ def show_cmd(recipe: str, overrides: tuple[str, ...]) -> None:
 
     RECIPE is a name from recipes/ or a path to a YAML file.
     """
+    from qlora_app.model.architecture import check_recipe
     from qlora_app.recipe.loader import dump_recipe, load_recipe
 
-    console.out.print(dump_recipe(load_recipe(recipe, overrides)), markup=False, highlight=False, end="")
+    resolved = load_recipe(recipe, overrides)
+    check_recipe(resolved, offline_only=True)  # an unsupported family, found without asking the Hub
+    console.out.print(dump_recipe(resolved), markup=False, highlight=False, end="")
 
 
 @main.command("plan")

@@ -173,7 +173,9 @@ def activation_bytes_per_token(recipe: Recipe, arch: Architecture, checkpointing
 def layer_activation_bytes_per_token(recipe: Recipe, arch: Architecture) -> int:
     h, f = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    norms = 2 * (4 * h + 2 * h)  # RMSNorm keeps its fp32 input and its 16-bit output
+    family = arch.family
+    norms = family.norms_per_layer * (4 * h + 2 * h)  # RMSNorm keeps its fp32 input and its 16-bit output
+    norms += (4 + 2) * (q + kv) if family.qk_norm else 0  # Qwen3's and Gemma 3's norms on queries and keys
     attention = 2 * (q + 2 * kv) + 2 * (q + kv) + 2 * q  # q/k/v, q/k after RoPE, attention output
     mlp = 4 * 2 * f  # gate, SiLU(gate), up, and their product
     shapes = arch.linear_shapes()

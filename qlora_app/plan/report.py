@@ -6,7 +6,7 @@ from rich.table import Table
 
 from qlora_app.console import gib, out
 from qlora_app.errors import UserError
-from qlora_app.model.architecture import Architecture, load_architecture
+from qlora_app.model.architecture import Architecture, check_recipe, load_architecture
 from qlora_app.plan import layout, planner
 from qlora_app.recipe.loader import list_recipes, load_recipe
 from qlora_app.recipe.schema import Recipe
@@ -24,7 +24,7 @@ def describe_method(recipe: Recipe) -> str:
 
 def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
     layout.per_rank_grad_accum(recipe.train.grad_accum, gpus)  # what train --gpus refuses, plan refuses alike
-    arch = load_architecture(recipe.model)
+    arch = check_recipe(recipe)
     budget = int(gpu_gib * GiB)
     if recipe.train.batch_size == "auto":  # plan what train would run on a card with this much free memory
         chosen = layout.choose_layout(recipe, budget, arch, ranks=gpus)

@@ -70,13 +70,20 @@ def kv_bytes_per_token(arch: Architecture) -> int:
     return 2 * arch.layers * arch.kv_heads * arch.head_dim * 2  # keys and values, 16-bit
 
 
+def kv_bytes(arch: Architecture, tokens: int) -> int:
+    """KV cache of one sequence of `tokens`: sliding-window layers (Gemma 3: 5 of 6) keep only their window."""
+    per_layer = kv_bytes_per_token(arch) // arch.layers
+    window = min(tokens, arch.sliding_window or tokens)
+    return per_layer * ((arch.layers - arch.sliding_layers) * tokens + arch.sliding_layers * window)
+
+
 def check_fits(target: ServeTarget, arch: Architecture, device_bytes: int, weight_bytes: int) -> None:
     """Each GPU must hold its share of the weights and of the KV cache of one full-length sequence: tensor
     parallelism splits both over tensor_parallel_size GPUs (KV heads no further than there are heads)."""
     util, tp = target.recipe.serve.gpu_memory_utilization, target.recipe.serve.tensor_parallel_size
     weight_bytes = weight_bytes // tp
     budget = device_bytes * util - weight_bytes - CUDA_CONTEXT - SERVER_OVERHEAD
-    need = kv_bytes_per_token(arch) // min(tp, arch.kv_heads) * target.recipe.max_model_len
+    need = kv_bytes(arch, target.recipe.max_model_len) // min(tp, arch.kv_heads)
     if budget < need:
         raise UserError(
             f"serve.max_model_len={target.recipe.max_model_len} does not fit: its KV cache needs "

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_app.errors import UserError
+from qlora_app.model.architecture import load_architecture
 from qlora_app.recipe.schema import ALL_LINEAR, VLLM_LORA_RANKS, Recipe
 from qlora_app.run.directory import RunDir
 
-# What vLLM 0.32 applies LoRA to in Llama and Mistral models (every linear projection); an adapter on anything
-# else would be loaded without error and ignored for those modules (vLLM has served the bare base silently).
+# What vLLM 0.32 applies LoRA to in Llama, Mistral, Qwen3 and Gemma 3 models (every linear projection; Phi-3's
+# are fused: qualified per family by model.families); an adapter on anything else would be loaded without error
+# and ignored for those modules (vLLM has served the bare base silently).
 VLLM_LORA_MODULES = ALL_LINEAR
 
 
@@ -100,7 +102,7 @@ def check_adapter(name: str, run: RunDir, base: Recipe) -> Adapter:
                         f"{base.model.path}@{base.model.revision}")
     check_chat_files(run.adapter, f"adapter '{name}' ({run.path})")
     config = json.loads(config_path.read_text())
-    problem = unsupported(config)
+    problem = unsupported(config, load_architecture(base.model).family.projections)
     if problem:
         raise UserError(f"adapter '{name}' ({run.path}) cannot be served by vLLM: {problem}")
     rank, limit = adapter_rank(config), base.serve.max_lora_rank
@@ -114,7 +116,7 @@ def adapter_rank(config: dict) -> int:
     return int(max([config["r"], *(config.get("rank_pattern") or {}).values()]))
 
 
-def unsupported(config: dict) -> str | None:
+def unsupported(config: dict, lora_modules: tuple[str, ...] = VLLM_LORA_MODULES) -> str | None:
     if config.get("peft_type", "LORA") != "LORA":
         return f"peft_type {config.get('peft_type')} is not LoRA"
     if config.get("use_dora"):
@@ -125,9 +127,9 @@ def unsupported(config: dict) -> str | None:
         return f"rank {adapter_rank(config)} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}"
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
-    other = sorted(set(targets) - set(VLLM_LORA_MODULES))
+    other = sorted(set(targets) - set(lora_modules))
     if other:
-        return f"target modules {other} are not LoRA-capable in vLLM (supported: {', '.join(VLLM_LORA_MODULES)})"
+        return f"target modules {other} are not LoRA-capable in vLLM (supported: {', '.join(lora_modules)})"
     return None
 
 

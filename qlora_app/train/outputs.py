@@ -66,8 +66,8 @@ def save_adapter(model, tokenizer, recipe: Recipe, run: RunDir, end_of_turn_id: 
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         base_config = model.get_base_model().generation_config.to_diff_dict()
-        write_json_atomic(staging / "generation_config.json",
-                          stop_at_end_of_turn(base_config, [end_of_turn_id, tokenizer.eos_token_id]))
+        stops = stop_at_end_of_turn(base_config, [end_of_turn_id, tokenizer.eos_token_id])
+        write_json_atomic(staging / "generation_config.json", {**stops, "pad_token_id": tokenizer.pad_token_id})
         config_path = staging / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["revision"] = recipe.model.revision

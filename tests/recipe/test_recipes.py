@@ -136,3 +136,22 @@ def test_builtin_tiny_model_is_built_deterministically(tmp_path, monkeypatch, ti
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         digests = {hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tiny_model_dir, again)}
         assert len(digests) == 1, name
+
+
+FAMILY_RECIPES = ("qwen3-8b", "llama3.1-8b", "gemma3-1b", "mistral-nemo-12b", "phi4-14b")
+
+
+def test_recipes_lists_a_recipe_per_family():
+    from conftest import run_cli
+
+    listed = run_cli("recipes").stdout
+    assert all(name in listed for name in FAMILY_RECIPES), listed
+
+
+@pytest.mark.parametrize("name", FAMILY_RECIPES)
+def test_family_recipe_plans_into_24_gb_offline(name):
+    from conftest import run_cli
+
+    result = run_cli("plan", name, "--gpu-memory", "24", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "fits in 24 GiB" in result.stdout, result.stdout

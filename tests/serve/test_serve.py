@@ -90,6 +90,15 @@ def test_a_plain_lora_adapter_is_servable():
     assert unsupported({"peft_type": "LORA", "r": 64, "target_modules": ["q_proj", "down_proj"]}) is None
 
 
+def test_adapters_are_checked_against_their_familys_projections():
+    from qlora_app.model.families import BY_TYPE
+
+    phi = BY_TYPE["phi3"].projections
+    assert unsupported({"peft_type": "LORA", "r": 16, "target_modules": ["qkv_proj", "gate_up_proj"]}, phi) is None
+    assert "['q_proj'] are not LoRA-capable" in unsupported({"peft_type": "LORA", "r": 16,
+                                                             "target_modules": ["q_proj"]}, phi)
+
+
 def test_memory_check_uses_kv_cache_for_the_full_length():
     from qlora_app.model.architecture import load_architecture
     from qlora_app.serve.checks import check_fits, serve_weight_bytes
