@@ -24,6 +24,14 @@ class App(click.Group):
         except KeyboardInterrupt:
             console.error("interrupted")
             sys.exit(130)
+        except Exception as exc:  # a Hub failure that no stage translated is still one line
+            from qlora_app.hub.diagnosis import explain
+
+            line = explain(exc)
+            if line is None:
+                raise
+            console.error(str(UserError(line)))
+            sys.exit(UserError.exit_code)
 
 
 def overrides_option(fn):
@@ -62,9 +70,11 @@ def main() -> None:
     """
     import os
 
+    from qlora_app.hub.diagnosis import quiet_hub_logging
     from qlora_app.machine.home import home_environment
 
     os.environ.update(home_environment(os.environ))
+    quiet_hub_logging()
 
 
 @main.command("recipes")
