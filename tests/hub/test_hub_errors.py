@@ -104,3 +104,16 @@ def test_push_when_the_hub_is_unreachable(online, finished_run):
     result = run_cli("push", str(finished_run.path), "--repo", "alice/model",
                      env={**online, "HF_TOKEN": "hf_noaccess", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
     assert_one_line_error(result, "cannot reach the Hub", "run push again")
+
+
+@pytest.mark.slow  # the session's trained run
+def test_merge_of_a_run_on_a_gated_base(online, trained_run, tmp_path):
+    """merge fetches the base's safetensors from the Hub (snapshot_download): a gated base is one line."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run.path, copy, ignore=shutil.ignore_patterns("merged", "checkpoints", "tensorboard"))
+    recipe = copy / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("path: builtin:tiny-llama", "path: org/gated"))
+    result = run_cli("merge", str(copy), env=online)
+    assert_one_line_error(result, "model org/gated is gated and no Hugging Face token was sent")
