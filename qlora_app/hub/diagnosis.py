@@ -156,7 +156,7 @@ def _transport(error: BaseException, target: Target | None) -> str | None:
     target = target or _target_of(error)
     endpoint = _endpoint()
     reason = (str(error).splitlines() or [type(error).__name__])[0]
-    then = ("run push again (it resumes)" if target.action == "push"
+    then = ("then run push again (it resumes)" if target.action == "push"
             else f"or download it beforehand with {target.download} and run with HF_HUB_OFFLINE=1")
     if kind == "timeout":
         return (f"the Hub at {endpoint} did not answer in time for {target.name} ({reason}): check the network "

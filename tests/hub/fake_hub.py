@@ -38,6 +38,7 @@ class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
     gated: bool = False
     kind: str = "model"
+    failing: int | None = None  # every request about this repository answers this status (503: the Hub is down)
 
 
 @dataclass
@@ -129,6 +130,8 @@ class FakeHub:
     def access(self, kind: str, repo_id: str, revision: str, account: Account | None) -> Answer | None:
         """The refusal for this repo and revision, or None when the request may go on."""
         repo = self.repos.get(repo_id)
+        if repo is not None and repo.failing:
+            return error(repo.failing, None, "Service Unavailable" if repo.failing >= 500 else "Too Many Requests")
         if repo is None or f"{repo.kind}s" != kind:
             return error(404 if account else 401, "RepoNotFound", "Repository not found")
         if repo.gated and account is None:

@@ -13,7 +13,8 @@ from qlora_app.errors import UserError
 from qlora_app.hub.access import hub_errors
 from qlora_app.hub.diagnosis import Target, chain, explain, quiet_hub_logging
 
-REPOS = {"org/gated": Repo({"config.json": b"{}"}, gated=True), "org/open": Repo({"config.json": b"{}"})}
+REPOS = {"org/gated": Repo({"config.json": b"{}"}, gated=True), "org/open": Repo({"config.json": b"{}"}),
+         "org/down": Repo(failing=503), "org/busy": Repo(failing=429)}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,29 @@ def test_offline_and_not_cached(hub, monkeypatch):
     line = explain(wrapped_as_transformers_does(error), Target("org/open", "v2"))
     assert line.startswith("HF_HUB_OFFLINE is set and model org/open is not in the local cache")
     assert "`hf download org/open --revision v2`" in line
+
+
+def test_the_hub_down_or_limiting(hub):
+    from huggingface_hub.file_download import get_hf_file_metadata
+
+    for repo_id, expected in (("org/down", "the Hub failed to answer for model org/down (503"),
+                              ("org/busy", "the Hub is rate-limiting requests for model org/busy (429)")):
+        with pytest.raises(Exception) as info:  # one HEAD without the library's retries
+            get_hf_file_metadata(f"{hub.url}/{repo_id}/resolve/main/config.json", token=False)
+        assert explain(info.value, Target(repo_id)).startswith(expected)
+
+
+def test_a_hub_that_does_not_answer_in_time():
+    import socket
+
+    import httpx2
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with pytest.raises(httpx2.TimeoutException) as info:
+            httpx2.get(f"http://127.0.0.1:{silent.getsockname()[1]}/org/open/resolve/main/config.json", timeout=0.2)
+    assert "did not answer in time for model org/open" in explain(info.value, Target("org/open"))
 
 
 def test_push_refusals_name_write_access(hub):
