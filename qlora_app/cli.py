@@ -24,6 +24,14 @@ class App(click.Group):
         except KeyboardInterrupt:
             console.error("interrupted")
             sys.exit(130)
+        except Exception as exc:  # a Hub failure that no stage translated is still one line
+            from qlora_app.hub.diagnosis import explain
+
+            line = explain(exc)
+            if line is None:
+                raise
+            console.error(str(UserError(line)))
+            sys.exit(UserError.exit_code)
 
 
 def overrides_option(fn):
@@ -62,6 +70,7 @@ def main() -> None:
     """
     import os
 
+    from qlora_app.hub.diagnosis import quiet_hub_logging
     from qlora_app.machine.home import home_environment
 
     os.environ.update(home_environment(os.environ))
@@ -69,6 +78,7 @@ def main() -> None:
     # started later by this process (pipeline, demo, doctor --smoke) would inherit it and log no INFO or WARNING
     # line. vLLM's own default, unless the user chose a level.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    quiet_hub_logging()
 
 
 @main.command("recipes")

@@ -98,7 +98,7 @@ def push(run: RunDir, kind: Kind, repo_id: str, public: bool) -> str:
     from qlora_app.hub.access import hub_errors
 
     api = HfApi()
-    with tempfile.TemporaryDirectory(prefix=".push-", dir=run.path) as tmp, hub_errors(repo_id):
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=run.path) as tmp, hub_errors(repo_id, action="push"):
         folder = stage(plan, Path(tmp))
         url = api.create_repo(repo_id, private=not public, exist_ok=True).url
         api.upload_folder(repo_id=repo_id, folder_path=folder,

@@ -150,15 +150,16 @@ def _read_table(path: Path) -> list[tuple[str, dict]]:
 def _read_hub(dataset_id: str, split: str) -> list[tuple[str, dict]]:
     import datasets
 
-    with access.hub_errors(dataset_id, kind="dataset"):
-        try:
+    try:
+        with access.hub_errors(dataset_id, kind="dataset"):
             ds = datasets.load_dataset(dataset_id, split=split)
-        except ValueError as exc:
-            if "split" in str(exc).lower():
-                raise UserError(f"dataset {dataset_id} has no split '{split}': {str(exc).splitlines()[0]}") from None
-            raise
-        except (FileNotFoundError, ConnectionError) as exc:
-            raise UserError(f"cannot load dataset {dataset_id}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise UserError(f"dataset {dataset_id} has no split '{split}': {str(exc).splitlines()[0]}") from None
+        raise
+    except (FileNotFoundError, ConnectionError) as exc:
+        access.check_readable(dataset_id, kind="dataset")  # datasets drops the Hub's answer: ask for it again
+        raise UserError(f"cannot load dataset {dataset_id}: {str(exc).splitlines()[0]}") from None
     return [(f"{dataset_id} [{split}] record {i}", r) for i, r in enumerate(ds)]
 
 

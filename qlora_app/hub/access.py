@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qlora_app.errors import UserError
+from qlora_app.hub import diagnosis
 
 
 def fetch_file(repo_id: str, filename: str, revision: str = "main") -> Path:
@@ -20,30 +21,24 @@ def fetch_file(repo_id: str, filename: str, revision: str = "main") -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
 
 
-@contextmanager
-def hub_errors(repo_id: str, revision: str = "main", kind: str = "model") -> Iterator[None]:
-    """Translate huggingface_hub's exceptions raised inside the block into a UserError."""
-    from huggingface_hub import errors
+def check_readable(repo_id: str, kind: str = "model") -> None:
+    """Ask the Hub whether this token may read the repository; its refusal as one line. For libraries that
+    drop the Hub's answer (datasets re-raises its own DatasetNotFoundError `from None`)."""
+    from huggingface_hub import HfApi
 
-    page = f"https://huggingface.co/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
+    with hub_errors(repo_id, kind=kind):
+        HfApi().auth_check(repo_id, repo_type=kind)
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str = "main", kind: str = "model", action: str = "read") -> Iterator[None]:
+    """A Hub failure raised inside the block, however the libraries wrapped it, as a one-line UserError."""
     try:
         yield
-    except errors.GatedRepoError:
-        raise UserError(
-            f"{kind} {repo_id} is gated: accept its license at {page} with your account, then set HF_TOKEN "
-            "(or run `hf auth login`)"
-        ) from None
-    except errors.RepositoryNotFoundError:
-        raise UserError(
-            f"{kind} {repo_id} was not found on the Hub: check the id, or set HF_TOKEN if it is private"
-        ) from None
-    except errors.RevisionNotFoundError:
-        raise UserError(f"{kind} {repo_id} has no revision '{revision}': check {kind}.revision") from None
-    except (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError):
-        raise UserError(
-            f"cannot reach the Hub for {kind} {repo_id} and it is not in the local cache "
-            "(HF_HUB_OFFLINE is set or the network is down)"
-        ) from None
-    except errors.HfHubHTTPError as exc:
-        raise UserError(f"the Hub refused {kind} {repo_id}: {str(exc).splitlines()[0]}") from None
-
+    except UserError:
+        raise
+    except Exception as exc:
+        line = diagnosis.explain(exc, diagnosis.Target(repo_id, revision or "main", kind, action))
+        if line is None:
+            raise
+        raise UserError(line) from None
