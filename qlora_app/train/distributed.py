@@ -30,6 +30,11 @@ class Nodes:
     addr: str | None = None
     port: int = 29500
 
+    def check(self) -> None:
+        """Refuse what torchrun could not start, before a run directory exists."""
+        if self.count > 1 and not self.addr:
+            raise UserError("training on several nodes needs the address of node 0: --master-addr HOST")
+
 
 def torchrun_args(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -> list[str]:
     """torchrun's arguments (without the program name): gpus ranks on this node, every local rank but 0
@@ -37,8 +42,7 @@ def torchrun_args(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -
     if nodes.count == 1:
         where = ["--standalone", "--nnodes", "1"]  # a free local port, no address to agree on
     else:
-        if not nodes.addr:
-            raise UserError("training on several nodes needs the address of node 0: --master-addr HOST")
+        nodes.check()
         where = ["--nnodes", str(nodes.count), "--node-rank", str(nodes.rank),
                  "--master-addr", nodes.addr, "--master-port", str(nodes.port)]
     quiet = ",".join(f"{r}:3" for r in range(1, gpus))
@@ -54,7 +58,6 @@ def torchrun_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str
 
 
 
-
 def fsdp_args(recipe) -> dict:
     """TrainingArguments that make the Trainer shard with FSDP (train.distributed: fsdp on several ranks).
 
@@ -67,6 +70,18 @@ def fsdp_args(recipe) -> dict:
         return {}
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}}
+
+
+def launch_flags(ranks: int, per_node: int) -> str:
+    """The --gpus/--nodes flags that start `ranks` ranks again, `per_node` on each machine."""
+    if ranks <= 1:
+        return ""
+    nodes = ranks // per_node
+    return f" --gpus {per_node}" + (f" --nodes {nodes}" if nodes > 1 else "")
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def rank() -> int:

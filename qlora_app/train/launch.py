@@ -30,7 +30,8 @@ class RankFailed(UserError):
 
 def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes: Nodes) -> RunDir:
     """One GPU (the default): train in this process. More: through torchrun."""
-    count = gpu_count(gpus)
+    nodes.check()
+    count = gpu_count(gpus, visible_gpus())
     if count == 1 and nodes.count == 1:
         from qlora_app.train.stage import train
 
@@ -44,16 +45,26 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def gpu_count(gpus: str) -> int:
-    if gpus == "all":
-        import torch
+def visible_gpus() -> int | None:
+    """CUDA devices this process sees; None without CUDA (ranks then train on CPU with gloo)."""
+    import torch
 
-        if not cuda_present():
+    return torch.cuda.device_count() if cuda_present() else None
+
+
+def gpu_count(gpus: str, visible: int | None) -> int:
+    """The ranks --gpus asks for on this machine, checked against the `visible` GPUs (None: no CUDA)."""
+    if gpus == "all":
+        if not visible:
             raise UserError("--gpus all: no CUDA device is visible here; give a number instead (on CPU, that "
                             "many processes train with gloo)")
-        return torch.cuda.device_count()
-    if not gpus.isdigit() or int(gpus) < 1:
+        return visible
+    # str.isdigit() also accepts '²' and other digits int() refuses: only ASCII digits are a count
+    if not (gpus.isascii() and gpus.isdigit()) or int(gpus) < 1:
         raise UserError(f"--gpus {gpus}: give a number of GPUs (1 or more) or 'all'")
+    if visible is not None and int(gpus) > visible:
+        raise UserError(f"--gpus {gpus}: only {visible} GPUs are visible here (CUDA_VISIBLE_DEVICES, nvidia-smi); "
+                        f"give at most {visible}, or 'all'")
     return int(gpus)
 
 

@@ -103,9 +103,11 @@ def check_report_to(recipe: Recipe) -> None:
 
 
 def check_same_ranks(run: RunDir, ranks: int) -> None:
-    before = run.read_manifest().get("ranks", 1)
+    manifest = run.read_manifest()
+    before = manifest.get("ranks", 1)
     if before != ranks:
-        raise UserError(f"run {run.path} was trained on {before} rank(s): resume it with --gpus {before}; its "
+        flags = distributed.launch_flags(before, manifest.get("ranks_per_node", before)) or " --gpus 1"
+        raise UserError(f"run {run.path} was trained on {before} rank(s): resume it with{flags}; its "
                         f"checkpoints hold one random state per rank, so {ranks} rank(s) would not continue "
                         "exactly the same run (start a new run to use another number of GPUs)")
 
@@ -140,7 +142,8 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     free_gpu = query_gpu().free_bytes  # before our own weights take any
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
     console.note(chosen.describe())
-    manifest.update(status="running", ranks=ranks, layout=chosen.to_manifest())
+    manifest.update(status="running", ranks=ranks, ranks_per_node=distributed.local_world_size(),
+                    layout=chosen.to_manifest())
     if main:
         write_json_atomic(run.manifest, manifest)
 
@@ -171,7 +174,8 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
             write_json_atomic(run.manifest, manifest)
         distributed.barrier()  # no rank leaves (and gets its peers killed) before rank 0 has written
         last = run.complete_checkpoints()
-        again = f"qlora-app train {recipe.name} --resume" + (f" --gpus {ranks}" if ranks > 1 else "")
+        again = f"qlora-app train {recipe.name} --resume" + distributed.launch_flags(ranks,
+                                                                                   distributed.local_world_size())
         raise TrainingInterrupted(
             f"training stopped by {signal.Signals(stopper.received).name} at step "
             f"{trainer.state.global_step}; {last[-1].name if last else 'no checkpoint'} saved in {run.checkpoints}; "

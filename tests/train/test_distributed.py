@@ -87,3 +87,43 @@ def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
     assert args["fsdp"] is True
     assert args["fsdp_config"] == {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}
     assert fsdp_args(load_recipe("llama3-8b")) == {}  # ddp
+
+
+@pytest.mark.parametrize("gpus", ["²", "0", "two", "-1", "١"])
+def test_a_gpu_count_that_is_not_a_plain_number_is_one_line(gpus):
+    from qlora_app.train.launch import gpu_count
+
+    with pytest.raises(UserError, match=r"give a number of GPUs"):
+        gpu_count(gpus, visible=None)
+
+
+def test_superscript_gpu_count_is_one_line_before_a_run_directory(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "²"), "--gpus ²")
+    assert not any(tmp_path.iterdir())
+
+
+def test_more_gpus_than_visible_are_refused():
+    from qlora_app.train.launch import gpu_count
+
+    with pytest.raises(UserError, match=r"--gpus 4: only 2 GPUs are visible"):
+        gpu_count("4", visible=2)
+    assert gpu_count("2", visible=2) == 2 and gpu_count("all", visible=2) == 2
+    assert gpu_count("4", visible=None) == 4  # no CUDA: CPU ranks with gloo, as many as asked
+
+
+@pytest.mark.parametrize(("ranks", "per_node", "flags"), [
+    (1, 1, ""), (2, 2, " --gpus 2"), (16, 8, " --gpus 8 --nodes 2"), (2, 1, " --gpus 1 --nodes 2")])
+def test_resume_advice_names_gpus_per_node_and_nodes(ranks, per_node, flags):
+    from qlora_app.train.distributed import launch_flags
+
+    assert launch_flags(ranks, per_node) == flags
+
+
+def test_several_nodes_without_an_address_are_refused_before_a_run_directory(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--nodes", "2", "--set", "train.grad_accum=2")
+    assert_one_line_error(result, "--master-addr")
+    assert not any(tmp_path.iterdir())
