@@ -34,7 +34,7 @@ def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int 
     t = recipe.train
     out.print(
         f"[bold]{recipe.name}[/]: {describe_method(recipe)}, LoRA r={recipe.lora.r} on "
-        f"{len(recipe.lora.target_modules)} projections ({result.trainable_params / 1e6:.1f}M trainable), "
+        f"{len(planner.lora_targets(recipe, arch))} projections ({result.trainable_params / 1e6:.1f}M trainable), "
         f"batch {result.batch_size} x seq {result.seq_len}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}, {t.optimizer}"
     )
