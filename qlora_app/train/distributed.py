@@ -57,6 +57,13 @@ def torchrun_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str
     return [python, "-m", "torch.distributed.run", *torchrun_args(gpus, nodes, rank_args, log_dir)]
 
 
+def node_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -> str:
+    """torchrun_command quoted for a shell: what node 0 prints for the others to paste (the layout is JSON)."""
+    import shlex
+
+    return shlex.join(torchrun_command(gpus, nodes, rank_args, log_dir))
+
+
 
 def fsdp_args(recipe) -> dict:
     """TrainingArguments that make the Trainer shard with FSDP (train.distributed: fsdp on several ranks).

@@ -19,7 +19,7 @@ from qlora_app.plan import layout
 from qlora_app.plan.layout import per_rank_grad_accum
 from qlora_app.recipe.schema import Recipe
 from qlora_app.run.directory import RunDir
-from qlora_app.train.distributed import Nodes, torchrun_args, torchrun_command
+from qlora_app.train.distributed import Nodes, node_command, torchrun_args
 
 
 class RankFailed(UserError):
@@ -86,7 +86,7 @@ def train_on_gpus(recipe: Recipe, root: Path, resume: str | None, gpus: int, nod
     log_dir = str(run.path / "logs")
     for node in range(1, nodes.count):
         other = Nodes(nodes.count, node, nodes.addr, nodes.port)
-        console.note(f"start node {node} with: {' '.join(torchrun_command(gpus, other, rank_args, log_dir))}")
+        console.note(f"start node {node} with: {node_command(gpus, other, rank_args, log_dir)}")
     run_ranks(torchrun_args(gpus, nodes, rank_args, log_dir), run)
     return run
 

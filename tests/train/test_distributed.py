@@ -127,3 +127,30 @@ def test_several_nodes_without_an_address_are_refused_before_a_run_directory(tmp
     result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--nodes", "2", "--set", "train.grad_accum=2")
     assert_one_line_error(result, "--master-addr")
     assert not any(tmp_path.iterdir())
+
+
+def test_the_command_for_other_nodes_can_be_pasted_into_a_shell():
+    import shlex
+
+    from qlora_app.train.distributed import node_command
+
+    layout = '{"batch_size": 4, "grad_accum": 2, "gradient_checkpointing": true, "reason": "batch_size auto: 4 x 2"}'
+    nodes = Nodes(count=2, rank=1, addr="10.0.0.5")
+    args = ["/shared/runs/my run", layout]
+    line = node_command(8, nodes, args, "/shared/runs/my run/logs")
+    assert shlex.split(line) == torchrun_command(8, nodes, args, "/shared/runs/my run/logs")
+
+
+def test_a_rank_given_a_mangled_layout_leaves_its_one_line_error(tmp_path):
+    """What a rank got from an unquoted paste: its failure is recorded for the launcher, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-m", RANK_MODULE, str(tmp_path), "{batch_size:"], capture_output=True,
+                            text=True, cwd=REPO, env=os.environ, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    stamp_and_code, message = (tmp_path / "logs" / "rank-0.error").read_text().splitlines()[:2]
+    assert stamp_and_code.split()[1] == "1" and message.startswith("JSONDecodeError")
