@@ -55,11 +55,13 @@ def ensure_trained(recipe: Recipe, root: Path) -> RunDir:
 
 
 def ensure_merged(run: RunDir, recipe: Recipe) -> None:
-    """Merge with the merge settings given now; skipped when run/merged was made that way from this adapter."""
+    """Merge with the merge settings given now; skipped when run/merged was made that way from this adapter and
+    verified (a merge made with --no-verify is merged again, verified)."""
     from qlora_app.merge.stage import is_current, merge
 
-    if is_current(run, recipe.merge):
-        console.note(f"merge: skipped, {run.merged} is current (made from this adapter with these settings)")
+    if is_current(run, recipe.merge, verified=True):
+        console.note(f"merge: skipped, {run.merged} is current (made from this adapter with these settings, "
+                     "verified)")
     else:
         merge(run, recipe.merge)
 

@@ -85,3 +85,18 @@ def test_a_failing_stage_stops_the_pipeline_with_its_error(tmp_path):
     result = run_cli("pipeline", "tiny", "--runs-dir", str(tmp_path / "runs"), "--set", f"data.source={bad}")
     assert_one_line_error(result, f"{bad}:2: malformed JSON")
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
+
+
+def test_a_merge_made_without_verification_is_not_current_for_a_pipeline_that_verifies(tmp_path):
+    from qlora_app.merge.stage import adapter_fingerprint, is_current
+
+    run = RunDir(tmp_path / "tiny" / "run")
+    run.adapter.mkdir(parents=True)
+    (run.adapter / "adapter_model.safetensors").write_bytes(b"the adapter's bytes")
+    settings = load_recipe("tiny").merge
+    made = {"adapter_sha256": adapter_fingerprint(run), "settings": settings.model_dump()}
+    write_json_atomic(run.merge_report, {**made, "verified": False})  # what merge --no-verify leaves
+    assert is_current(run, settings)  # push and serve take it as it is
+    assert not is_current(run, settings, verified=True)  # the pipeline merges (and verifies) again
+    write_json_atomic(run.merge_report, {**made, "verified": True, "verification": {"passed": True}})
+    assert is_current(run, settings, verified=True)
