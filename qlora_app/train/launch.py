@@ -101,6 +101,8 @@ def run_ranks(args: list[str], run: RunDir) -> None:
         if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
+    for stale in (run.path / "logs").glob("rank-*.error"):  # a rank killed before it could write would be
+        stale.unlink()  # reported by an earlier session's line (an old SIGTERM) instead
     try:
         torchrun(parse_args(args))
     except ChildFailedError as exc:

@@ -154,3 +154,19 @@ def test_a_rank_given_a_mangled_layout_leaves_its_one_line_error(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     stamp_and_code, message = (tmp_path / "logs" / "rank-0.error").read_text().splitlines()[:2]
     assert stamp_and_code.split()[1] == "1" and message.startswith("JSONDecodeError")
+
+
+def test_a_session_does_not_report_an_earlier_session_s_rank_error(tmp_path):
+    """An interruption left rank-0.error behind; this session's rank dies without a word (json.tool, exit 2):
+    its own exit is reported, not the old SIGTERM (exit 143)."""
+    from qlora_app.run.directory import RunDir
+    from qlora_app.train.launch import RankFailed, run_ranks
+
+    run = RunDir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank-0.error").write_text("1 143\ntraining stopped by SIGTERM at step 5\n")
+    silent_failure = ["--standalone", "--nnodes", "1", "--nproc-per-node", "1", "--max-restarts", "0",
+                      "--log-dir", str(tmp_path / "logs"), "--module", "json.tool", str(tmp_path / "missing.json")]
+    with pytest.raises(RankFailed, match="rank 0 ended with exit code 2 before it could say why") as failed:
+        run_ranks(silent_failure, run)
+    assert failed.value.exit_code == 1
