@@ -77,6 +77,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     resumed = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_resumed_like_uninterrupted(run.path, trained_run.path, stopped_at)
+    t = run.read_manifest()["training"]  # this session's figures: its training fits in its stage
+    assert t["train_seconds"] <= t["stage_seconds"] and t["train_seconds_all_sessions"] > t["train_seconds"]
 
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tmp_path, trained_run):
