@@ -28,10 +28,16 @@ class RankFailed(UserError):
         self.exit_code = exit_code
 
 
-def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes: Nodes) -> RunDir:
-    """One GPU (the default): train in this process. More: through torchrun."""
+def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes: Nodes,
+                as_started: bool = False) -> RunDir:
+    """One GPU (the default): train in this process. More: through torchrun. as_started (--resume without
+    --set): continue with the recipe the run was started with, whatever was overridden then."""
     nodes.check()
     count = gpu_count(gpus, visible_gpus())
+    if resume and as_started:
+        from qlora_app.train.stage import run_to_resume
+
+        recipe = run_to_resume(recipe.name, root, resume).recipe()
     if count == 1 and nodes.count == 1:
         from qlora_app.train.stage import train
 

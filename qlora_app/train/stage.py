@@ -57,15 +57,21 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
 def find_resumable(recipe: Recipe, root: Path, resume: str, ranks: int = 1) -> RunDir:
     """The run to continue: the latest of the recipe, or the one named; it must not have finished and must have
     been started with the same training settings on as many ranks."""
-    run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
-    if run is None or not run.recipe_file.is_file():
-        raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
-    if run.finished:
-        raise UserError(f"run {run.path} already finished; start a new one without --resume")
+    run = run_to_resume(recipe.name, root, resume)
     if run.recipe().training_fields() != recipe.training_fields():
         raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
                         "or start a new run")
     check_same_ranks(run, ranks)
+    return run
+
+
+def run_to_resume(name: str, root: Path, resume: str) -> RunDir:
+    """The latest run of recipe `name` (resume: latest), or the run named; one that has not finished."""
+    run = latest_run(name, root) if resume == "latest" else RunDir(Path(resume))
+    if run is None or not run.recipe_file.is_file():
+        raise UserError(f"nothing to resume: no run of recipe '{name}' under {root}")
+    if run.finished:
+        raise UserError(f"run {run.path} already finished; start a new one without --resume")
     return run
 
 
