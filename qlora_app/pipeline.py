@@ -24,14 +24,20 @@ def data_fingerprints(recipe: Recipe) -> tuple[str, str]:
 
 
 def reusable_run(recipe: Recipe, root: Path) -> RunDir | None:
-    """The newest run of the recipe with the same training settings and data that finished or can be resumed;
-    runs that crashed before their first checkpoint, or were trained otherwise, are looked past."""
+    """The newest run of the recipe with the same training settings and data that finished or can be resumed
+    here (on one rank); runs that crashed before their first checkpoint, were trained otherwise, or were
+    interrupted on several ranks (train --resume --gpus N continues those) are looked past."""
     wanted = data_fingerprints(recipe)
     for run in runs_of(recipe.name, root):
-        if ((run.finished or run.complete_checkpoints()) and run.data_fingerprints() == wanted
+        if ((run.finished or resumable_here(run)) and run.data_fingerprints() == wanted
                 and same_training(run, recipe)):
             return run
     return None
+
+
+def resumable_here(run: RunDir) -> bool:
+    """A checkpoint this process can continue: one rank's (the pipeline trains on one)."""
+    return bool(run.complete_checkpoints()) and run.read_manifest().get("ranks", 1) == 1
 
 
 def same_training(run: RunDir, recipe: Recipe) -> bool:

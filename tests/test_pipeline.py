@@ -100,3 +100,21 @@ def test_a_merge_made_without_verification_is_not_current_for_a_pipeline_that_ve
     assert not is_current(run, settings, verified=True)  # the pipeline merges (and verifies) again
     write_json_atomic(run.merge_report, {**made, "verified": True, "verification": {"passed": True}})
     assert is_current(run, settings, verified=True)
+
+
+@pytest.mark.parametrize(("status", "ranks", "reused"), [("interrupted", 1, True), ("interrupted", 2, False),
+                                                          ("finished", 2, True)])
+def test_an_interrupted_run_of_several_ranks_is_not_resumed_by_the_pipeline(tmp_path, status, ranks, reused):
+    """The pipeline trains on one rank: resuming a 2-rank run there is refused ('resume it with --gpus 2', and
+    pipeline has no --gpus), so such a run is looked past; its finished adapter is as good as any."""
+    from qlora_app.pipeline import data_fingerprints
+    from qlora_app.run.directory import COMPLETE_MARKER
+
+    tiny = load_recipe("tiny")
+    run = RunDir.create(tiny, tmp_path)
+    train, held_out = data_fingerprints(tiny)
+    write_json_atomic(run.manifest, {"status": status, "ranks": ranks,
+                                     "data": {"fingerprint": train, "eval_fingerprint": held_out}})
+    (run.checkpoints / "checkpoint-5").mkdir(parents=True)
+    (run.checkpoints / "checkpoint-5" / COMPLETE_MARKER).write_text("")
+    assert reusable_run(tiny, tmp_path) == (run if reused else None)
