@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from qlora_app import console
@@ -110,11 +113,38 @@ def run_ranks(args: list[str], run: RunDir) -> None:
     for stale in (run.path / "logs").glob("rank-*.error"):  # a rank killed before it could write would be
         stale.unlink()  # reported by an earlier session's line (an old SIGTERM) instead
     try:
-        torchrun(parse_args(args))
+        with interruptible_until_ranks_start():
+            torchrun(parse_args(args))
     except ChildFailedError as exc:
         raise first_error(run, {rank: f.exitcode for rank, f in exc.failures.items()}) from None
     except SignalException:
         raise first_error(run, {}) from None
+
+
+@contextmanager
+def interruptible_until_ranks_start():
+    """Ctrl-C while torchrun's agent waits for the other nodes: that wait is in C++ (node 0's TCPStore, for up
+    to 600 s), where Python runs no signal handler, so the KeyboardInterrupt would come only when it ends. A
+    thread reads the signal from Python's wakeup fd (written by the C-level handler even then) and ends the
+    process, as long as the agent has not installed its own handler: from then on it forwards the signal to the
+    ranks it started and waits for them, as when a single node is stopped."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    before, default = signal.set_wakeup_fd(write_end), signal.getsignal(signal.SIGINT)
+
+    def watch() -> None:
+        while received := os.read(read_end, 1):
+            if received[0] == signal.SIGINT and signal.getsignal(signal.SIGINT) is default:
+                console.error("interrupted before any rank started (torchrun was waiting for every node to join)")
+                os._exit(130)
+        os.close(read_end)
+
+    threading.Thread(target=watch, daemon=True, name="sigint-before-ranks").start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(before)
+        os.close(write_end)  # the watcher reads end-of-file, closes its end and returns
 
 
 def first_error(run: RunDir, exit_codes: dict[int, int]) -> RankFailed:
