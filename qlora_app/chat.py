@@ -15,10 +15,16 @@ PROMPT = "you> "
 HELP = "Type a message. Ctrl-C stops a reply, /reset forgets the conversation, /exit or Ctrl-D ends."
 
 
+def api_base(url: str) -> str:
+    """The OpenAI API's base for a server's address, given with or without its /v1."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else f"{url}/v1"
+
+
 def connect(url: str, api_key: str | None):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{url.rstrip('/')}/v1", api_key=api_key or "not-needed", max_retries=0, timeout=600)
+    return OpenAI(base_url=api_base(url), api_key=api_key or "not-needed", max_retries=0, timeout=600)
 
 
 def pick_model(client, url: str, model: str | None) -> str:
@@ -30,6 +36,9 @@ def pick_model(client, url: str, model: str | None) -> str:
         raise UserError(f"the server at {url} wants an API key: export QLORA_API_KEY=<its key>") from None
     except openai.APIConnectionError:
         raise UserError(f"no server answers at {url}: start one with qlora-app serve, or give --url") from None
+    except openai.APIStatusError as exc:
+        raise UserError(f"the server at {url} answered {exc.status_code} to {exc.request.url}: "
+                        f"{str(exc).splitlines()[0]}") from None
     if model is None and len(served) != 1:
         raise UserError(f"the server at {url} serves {', '.join(served) or 'no model'}: choose one with --model")
     if model is not None and model not in served:

@@ -160,7 +160,7 @@ def train_cmd(recipe: str, overrides: tuple[str, ...], resume: str | None, gpus:
     from qlora_app.train.launch import train_stage
 
     train_stage(load_recipe(recipe, overrides), runs_root(runs_dir), resume, gpus,
-                Nodes(nodes, 0, master_addr, master_port))
+                Nodes(nodes, 0, master_addr, master_port), as_started=not overrides)
 
 
 @main.command("merge")

@@ -24,14 +24,20 @@ def data_fingerprints(recipe: Recipe) -> tuple[str, str]:
 
 
 def reusable_run(recipe: Recipe, root: Path) -> RunDir | None:
-    """The newest run of the recipe with the same training settings and data that finished or can be resumed;
-    runs that crashed before their first checkpoint, or were trained otherwise, are looked past."""
+    """The newest run of the recipe with the same training settings and data that finished or can be resumed
+    here (on one rank); runs that crashed before their first checkpoint, were trained otherwise, or were
+    interrupted on several ranks (train --resume --gpus N continues those) are looked past."""
     wanted = data_fingerprints(recipe)
     for run in runs_of(recipe.name, root):
-        if ((run.finished or run.complete_checkpoints()) and run.data_fingerprints() == wanted
+        if ((run.finished or resumable_here(run)) and run.data_fingerprints() == wanted
                 and same_training(run, recipe)):
             return run
     return None
+
+
+def resumable_here(run: RunDir) -> bool:
+    """A checkpoint this process can continue: one rank's (the pipeline trains on one)."""
+    return bool(run.complete_checkpoints()) and run.read_manifest().get("ranks", 1) == 1
 
 
 def same_training(run: RunDir, recipe: Recipe) -> bool:
@@ -55,11 +61,13 @@ def ensure_trained(recipe: Recipe, root: Path) -> RunDir:
 
 
 def ensure_merged(run: RunDir, recipe: Recipe) -> None:
-    """Merge with the merge settings given now; skipped when run/merged was made that way from this adapter."""
+    """Merge with the merge settings given now; skipped when run/merged was made that way from this adapter and
+    verified (a merge made with --no-verify is merged again, verified)."""
     from qlora_app.merge.stage import is_current, merge
 
-    if is_current(run, recipe.merge):
-        console.note(f"merge: skipped, {run.merged} is current (made from this adapter with these settings)")
+    if is_current(run, recipe.merge, verified=True):
+        console.note(f"merge: skipped, {run.merged} is current (made from this adapter with these settings, "
+                     "verified)")
     else:
         merge(run, recipe.merge)
 

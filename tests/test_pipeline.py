@@ -85,3 +85,36 @@ def test_a_failing_stage_stops_the_pipeline_with_its_error(tmp_path):
     result = run_cli("pipeline", "tiny", "--runs-dir", str(tmp_path / "runs"), "--set", f"data.source={bad}")
     assert_one_line_error(result, f"{bad}:2: malformed JSON")
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
+
+
+def test_a_merge_made_without_verification_is_not_current_for_a_pipeline_that_verifies(tmp_path):
+    from qlora_app.merge.stage import adapter_fingerprint, is_current
+
+    run = RunDir(tmp_path / "tiny" / "run")
+    run.adapter.mkdir(parents=True)
+    (run.adapter / "adapter_model.safetensors").write_bytes(b"the adapter's bytes")
+    settings = load_recipe("tiny").merge
+    made = {"adapter_sha256": adapter_fingerprint(run), "settings": settings.model_dump()}
+    write_json_atomic(run.merge_report, {**made, "verified": False})  # what merge --no-verify leaves
+    assert is_current(run, settings)  # push and serve take it as it is
+    assert not is_current(run, settings, verified=True)  # the pipeline merges (and verifies) again
+    write_json_atomic(run.merge_report, {**made, "verified": True, "verification": {"passed": True}})
+    assert is_current(run, settings, verified=True)
+
+
+@pytest.mark.parametrize(("status", "ranks", "reused"), [("interrupted", 1, True), ("interrupted", 2, False),
+                                                          ("finished", 2, True)])
+def test_an_interrupted_run_of_several_ranks_is_not_resumed_by_the_pipeline(tmp_path, status, ranks, reused):
+    """The pipeline trains on one rank: resuming a 2-rank run there is refused ('resume it with --gpus 2', and
+    pipeline has no --gpus), so such a run is looked past; its finished adapter is as good as any."""
+    from qlora_app.pipeline import data_fingerprints
+    from qlora_app.run.directory import COMPLETE_MARKER
+
+    tiny = load_recipe("tiny")
+    run = RunDir.create(tiny, tmp_path)
+    train, held_out = data_fingerprints(tiny)
+    write_json_atomic(run.manifest, {"status": status, "ranks": ranks,
+                                     "data": {"fingerprint": train, "eval_fingerprint": held_out}})
+    (run.checkpoints / "checkpoint-5").mkdir(parents=True)
+    (run.checkpoints / "checkpoint-5" / COMPLETE_MARKER).write_text("")
+    assert reusable_run(tiny, tmp_path) == (run if reused else None)

@@ -60,7 +60,7 @@ def merge(run: RunDir, settings: MergeSpec | None = None, verify: bool = True) -
             merge_shard(source / shard, staging / shard, deltas, scaling, recipe.merge.dtype, rounded, recipe)
         write_companions(source, staging, run, recipe)
         report = {"adapter_sha256": adapter_fingerprint(run), "settings": recipe.merge.model_dump(),
-                  "base_weights": mode, "base_weights_reason": why, "shards": len(shards),
+                  "base_weights": mode, "base_weights_reason": why, "verified": verify, "shards": len(shards),
                   "merged_weights": len(deltas), "nf4_rounded_weights": len(rounded),
                   "merge_seconds": round(time.time() - started, 1),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -96,13 +96,15 @@ def choose_base_weights(recipe: Recipe, losses: AdapterLosses | None) -> tuple[s
     return losses.closest_to_trained()
 
 
-def is_current(run: RunDir, settings: MergeSpec | None = None) -> bool:
-    """run/merged was made from the adapter as it is now, with these merge settings (None: whichever)."""
+def is_current(run: RunDir, settings: MergeSpec | None = None, verified: bool = False) -> bool:
+    """run/merged was made from the adapter as it is now, with these merge settings (None: whichever), and
+    checked against base + adapter when the caller would have checked it (`verified`)."""
     if not run.merge_report.is_file() or not (run.adapter / "adapter_model.safetensors").is_file():
         return False
     made = json.loads(run.merge_report.read_text())
     same_settings = settings is None or made.get("settings") == settings.model_dump()
-    return same_settings and made.get("adapter_sha256") == adapter_fingerprint(run)
+    checked = not verified or "verification" in made  # merge --no-verify records no verification
+    return same_settings and checked and made.get("adapter_sha256") == adapter_fingerprint(run)
 
 
 def adapter_fingerprint(run: RunDir) -> str:

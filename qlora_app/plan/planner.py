@@ -156,10 +156,16 @@ def base_weight_bytes(recipe: Recipe, arch: Architecture) -> tuple[int, int]:
     return quantized, sixteen
 
 
+def lora_targets(recipe: Recipe, arch: Architecture) -> list[str]:
+    """The projections of one decoder layer that carry an adapter (all-linear: every one)."""
+    shapes = arch.linear_shapes()
+    return list(shapes) if recipe.lora.all_linear else [m for m in recipe.lora.target_modules if m in shapes]
+
+
 def lora_params(recipe: Recipe, arch: Architecture) -> int:
     shapes = arch.linear_shapes()
     r = recipe.lora.r
-    return arch.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in recipe.lora.target_modules if m in shapes)
+    return arch.layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in lora_targets(recipe, arch))
 
 
 def activation_bytes_per_token(recipe: Recipe, arch: Architecture, checkpointing: bool) -> int:
@@ -180,7 +186,7 @@ def layer_activation_bytes_per_token(recipe: Recipe, arch: Architecture) -> int:
     mlp = 4 * 2 * f  # gate, SiLU(gate), up, and their product
     shapes = arch.linear_shapes()
     per_input = 3 if recipe.lora.dropout > 0 else 0  # each adapter's dropout keeps its mask and output
-    lora = sum(per_input * shapes[m][0] + 4 * recipe.lora.r for m in recipe.lora.target_modules if m in shapes)
+    lora = sum(per_input * shapes[m][0] + 4 * recipe.lora.r for m in lora_targets(recipe, arch))
     return norms + attention + mlp + lora
 
 

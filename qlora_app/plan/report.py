@@ -34,7 +34,7 @@ def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int 
     t = recipe.train
     out.print(
         f"[bold]{recipe.name}[/]: {describe_method(recipe)}, LoRA r={recipe.lora.r} on "
-        f"{len(recipe.lora.target_modules)} projections ({result.trainable_params / 1e6:.1f}M trainable), "
+        f"{len(planner.lora_targets(recipe, arch))} projections ({result.trainable_params / 1e6:.1f}M trainable), "
         f"batch {result.batch_size} x seq {result.seq_len}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}, {t.optimizer}"
     )
@@ -97,19 +97,25 @@ def recommendation(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: flo
 
 
 def out_of_memory_advice(recipe: Recipe, free_bytes: int | None) -> str:
-    """The one line a CUDA out-of-memory error becomes: what the planner fits in the memory that was free."""
+    """The one line a CUDA out-of-memory error becomes: the planner's fastest layout of the recipe's rows per
+    update in the memory that was free, or the sequence length that fits when not even one row does."""
     t, seq = recipe.train, recipe.data.max_length
     head = f"out of GPU memory at batch {t.batch_size} x {seq} tokens"
     if not free_bytes:
         return f"{head}: lower train.batch_size or data.max_length (qlora-app plan {recipe.name} shows what fits)"
     arch = load_architecture(recipe.model)
     budget = int(free_bytes)
-    batch = planner.largest_batch(recipe, arch, budget)
-    longest = planner.largest_seq_len(recipe, arch, budget)
-    fits = (f"--set train.batch_size={batch} --set train.grad_accum={max(1, t.effective_batch // batch)}"
-            if batch else f"--set data.max_length={longest}" if longest else "a GPU with more memory")
-    return (f"{head}: with the {gib(budget)} GiB that were free, the plan fits batch {batch} at {seq} tokens, or "
-            f"{longest} tokens at batch {t.batch_size}; try {fits} (same tokens per update)")
+    checkpointed = recipe.with_section("train", gradient_checkpointing=True)
+    if planner.largest_batch(checkpointed, arch, budget) < 1:
+        longest = planner.largest_seq_len(checkpointed, arch, budget)
+        fits = f"--set data.max_length={longest}" if longest else "a GPU with more memory"
+        return f"{head}: with the {gib(budget)} GiB that were free, not even one row of {seq} tokens fits; try {fits}"
+    best = planner.fastest_layout(recipe, arch, budget)
+    sets = (f"--set train.batch_size={best.batch_size} --set train.grad_accum={best.grad_accum} "
+            f"--set train.gradient_checkpointing={str(best.gradient_checkpointing).lower()}")
+    return (f"{head}: with the {gib(budget)} GiB that were free, the plan fits batch {best.batch_size} x "
+            f"accumulation {best.grad_accum} at {seq} tokens, the same {t.effective_batch} rows per update; try "
+            f"{sets}")
 
 
 def print_comparison(recipe: Recipe, arch: Architecture, budget: int, gpu_gib: float) -> None:

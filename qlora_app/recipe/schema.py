@@ -84,6 +84,18 @@ class LoraSpec(Section):
     bias: Literal["none"] = "none"
     use_rslora: bool = False
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear_alone(cls, value):
+        value = (value,) if isinstance(value, str) else value
+        if "all-linear" in value and len(value) > 1:
+            raise ValueError("all-linear (peft's every linear layer but the output head) stands alone")
+        return value
+
+    @property
+    def all_linear(self) -> bool:
+        return self.target_modules == ("all-linear",)
+
     @property
     def scaling(self) -> float:
         return lora_scaling(self.alpha, self.r, self.use_rslora)

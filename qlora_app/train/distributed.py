@@ -30,6 +30,11 @@ class Nodes:
     addr: str | None = None
     port: int = 29500
 
+    def check(self) -> None:
+        """Refuse what torchrun could not start, before a run directory exists."""
+        if self.count > 1 and not self.addr:
+            raise UserError("training on several nodes needs the address of node 0: --master-addr HOST")
+
 
 def torchrun_args(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -> list[str]:
     """torchrun's arguments (without the program name): gpus ranks on this node, every local rank but 0
@@ -37,8 +42,7 @@ def torchrun_args(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -
     if nodes.count == 1:
         where = ["--standalone", "--nnodes", "1"]  # a free local port, no address to agree on
     else:
-        if not nodes.addr:
-            raise UserError("training on several nodes needs the address of node 0: --master-addr HOST")
+        nodes.check()
         where = ["--nnodes", str(nodes.count), "--node-rank", str(nodes.rank),
                  "--master-addr", nodes.addr, "--master-port", str(nodes.port)]
     quiet = ",".join(f"{r}:3" for r in range(1, gpus))
@@ -52,6 +56,12 @@ def torchrun_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str
     """The same launch as a shell command line (what the README shows for launching nodes by hand)."""
     return [python, "-m", "torch.distributed.run", *torchrun_args(gpus, nodes, rank_args, log_dir)]
 
+
+def node_command(gpus: int, nodes: Nodes, rank_args: list[str], log_dir: str) -> str:
+    """torchrun_command quoted for a shell: what node 0 prints for the others to paste (the layout is JSON)."""
+    import shlex
+
+    return shlex.join(torchrun_command(gpus, nodes, rank_args, log_dir))
 
 
 
@@ -67,6 +77,18 @@ def fsdp_args(recipe) -> dict:
         return {}
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}}
+
+
+def launch_flags(ranks: int, per_node: int) -> str:
+    """The --gpus/--nodes flags that start `ranks` ranks again, `per_node` on each machine."""
+    if ranks <= 1:
+        return ""
+    nodes = ranks // per_node
+    return f" --gpus {per_node}" + (f" --nodes {nodes}" if nodes > 1 else "")
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def rank() -> int:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from qlora_app import console
@@ -19,7 +22,7 @@ from qlora_app.plan import layout
 from qlora_app.plan.layout import per_rank_grad_accum
 from qlora_app.recipe.schema import Recipe
 from qlora_app.run.directory import RunDir
-from qlora_app.train.distributed import Nodes, torchrun_args, torchrun_command
+from qlora_app.train.distributed import Nodes, node_command, torchrun_args
 
 
 class RankFailed(UserError):
@@ -28,9 +31,16 @@ class RankFailed(UserError):
         self.exit_code = exit_code
 
 
-def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes: Nodes) -> RunDir:
-    """One GPU (the default): train in this process. More: through torchrun."""
-    count = gpu_count(gpus)
+def train_stage(recipe: Recipe, root: Path, resume: str | None, gpus: str, nodes: Nodes,
+                as_started: bool = False) -> RunDir:
+    """One GPU (the default): train in this process. More: through torchrun. as_started (--resume without
+    --set): continue with the recipe the run was started with, whatever was overridden then."""
+    nodes.check()
+    count = gpu_count(gpus, visible_gpus())
+    if resume and as_started:
+        from qlora_app.train.stage import run_to_resume
+
+        recipe = run_to_resume(recipe.name, root, resume).recipe()
     if count == 1 and nodes.count == 1:
         from qlora_app.train.stage import train
 
@@ -44,16 +54,26 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def gpu_count(gpus: str) -> int:
-    if gpus == "all":
-        import torch
+def visible_gpus() -> int | None:
+    """CUDA devices this process sees; None without CUDA (ranks then train on CPU with gloo)."""
+    import torch
 
-        if not cuda_present():
+    return torch.cuda.device_count() if cuda_present() else None
+
+
+def gpu_count(gpus: str, visible: int | None) -> int:
+    """The ranks --gpus asks for on this machine, checked against the `visible` GPUs (None: no CUDA)."""
+    if gpus == "all":
+        if not visible:
             raise UserError("--gpus all: no CUDA device is visible here; give a number instead (on CPU, that "
                             "many processes train with gloo)")
-        return torch.cuda.device_count()
-    if not gpus.isdigit() or int(gpus) < 1:
+        return visible
+    # str.isdigit() also accepts '²' and other digits int() refuses: only ASCII digits are a count
+    if not (gpus.isascii() and gpus.isdigit()) or int(gpus) < 1:
         raise UserError(f"--gpus {gpus}: give a number of GPUs (1 or more) or 'all'")
+    if visible is not None and int(gpus) > visible:
+        raise UserError(f"--gpus {gpus}: only {visible} GPUs are visible here (CUDA_VISIBLE_DEVICES, nvidia-smi); "
+                        f"give at most {visible}, or 'all'")
     return int(gpus)
 
 
@@ -75,7 +95,7 @@ def train_on_gpus(recipe: Recipe, root: Path, resume: str | None, gpus: int, nod
     log_dir = str(run.path / "logs")
     for node in range(1, nodes.count):
         other = Nodes(nodes.count, node, nodes.addr, nodes.port)
-        console.note(f"start node {node} with: {' '.join(torchrun_command(gpus, other, rank_args, log_dir))}")
+        console.note(f"start node {node} with: {node_command(gpus, other, rank_args, log_dir)}")
     run_ranks(torchrun_args(gpus, nodes, rank_args, log_dir), run)
     return run
 
@@ -90,12 +110,41 @@ def run_ranks(args: list[str], run: RunDir) -> None:
         if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
+    for stale in (run.path / "logs").glob("rank-*.error"):  # a rank killed before it could write would be
+        stale.unlink()  # reported by an earlier session's line (an old SIGTERM) instead
     try:
-        torchrun(parse_args(args))
+        with interruptible_until_ranks_start():
+            torchrun(parse_args(args))
     except ChildFailedError as exc:
         raise first_error(run, {rank: f.exitcode for rank, f in exc.failures.items()}) from None
     except SignalException:
         raise first_error(run, {}) from None
+
+
+@contextmanager
+def interruptible_until_ranks_start():
+    """Ctrl-C while torchrun's agent waits for the other nodes: that wait is in C++ (node 0's TCPStore, for up
+    to 600 s), where Python runs no signal handler, so the KeyboardInterrupt would come only when it ends. A
+    thread reads the signal from Python's wakeup fd (written by the C-level handler even then) and ends the
+    process, as long as the agent has not installed its own handler: from then on it forwards the signal to the
+    ranks it started and waits for them, as when a single node is stopped."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    before, default = signal.set_wakeup_fd(write_end), signal.getsignal(signal.SIGINT)
+
+    def watch() -> None:
+        while received := os.read(read_end, 1):
+            if received[0] == signal.SIGINT and signal.getsignal(signal.SIGINT) is default:
+                console.error("interrupted before any rank started (torchrun was waiting for every node to join)")
+                os._exit(130)
+        os.close(read_end)
+
+    threading.Thread(target=watch, daemon=True, name="sigint-before-ranks").start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(before)
+        os.close(write_end)  # the watcher reads end-of-file, closes its end and returns
 
 
 def first_error(run: RunDir, exit_codes: dict[int, int]) -> RankFailed:

@@ -87,9 +87,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     state = trainer.state
     history = run.read_metrics()
     train_losses = [h["loss"] for h in history if "loss" in h]
-    train_seconds = sum(h.get("train_runtime", 0) for h in history)
     epochs = state.epoch or 0
-    tokens_seen = max((h.get("num_tokens", 0) for h in history), default=0) or data.train.tokens * epochs
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
     manifest.update({
@@ -98,10 +96,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
         "training": {
             "steps": state.global_step,
             "epochs": epochs,
-            "stage_seconds": round(seconds, 1),
-            "train_seconds": round(train_seconds, 1),
-            "tokens_per_second": round(tokens_seen / train_seconds, 1) if train_seconds else None,
-            "stage_tokens_per_second": round(timer.session_tokens() / seconds, 1),  # this session's stage
+            **session_timing(history, timer.session_tokens(), seconds),
             **(timer.steady_state() or {"steady_tokens_per_second": None}),
             "trainable_params": trainable,
             "packed": bool(trainer.args.packing),
@@ -115,6 +110,21 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
     run.mark_latest()
     plot_loss_curve(history, run.loss_curve, f"{manifest['recipe']} / {manifest['run_id']}")
     print_summary(run, manifest)
+
+
+def session_timing(history: list[dict], session_tokens: int, stage_seconds: float) -> dict:
+    """This session's times and rates, every figure of one session: trl's token count restarts with each session
+    (a resumed run's), while the metrics hold every session's train_runtime. The Trainer's runtime of all
+    sessions is kept beside them (a session killed without logging one counts nothing)."""
+    runtimes = [h["train_runtime"] for h in history if "train_runtime" in h]
+    train_seconds = runtimes[-1] if runtimes else 0.0
+    return {
+        "stage_seconds": round(stage_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "train_seconds_all_sessions": round(sum(runtimes), 1),
+        "tokens_per_second": round(session_tokens / train_seconds, 1) if train_seconds and session_tokens else None,
+        "stage_tokens_per_second": round(session_tokens / stage_seconds, 1) if stage_seconds else None,
+    }
 
 
 def non_pad_fraction(trainer) -> float:
@@ -162,7 +172,9 @@ def print_summary(run: RunDir, manifest: dict) -> None:
     table.add_column(justify="right")
     peak = t.get("gpu_device_peak_bytes") or t.get("cpu_peak_rss_bytes", 0)
     rows = [
-        ("time", f"{t['stage_seconds']:.0f} s (training {t['train_seconds']:.0f} s)"),
+        ("time", f"{t['stage_seconds']:.0f} s (training {t['train_seconds']:.0f} s)" + (
+            f"; training {t['train_seconds_all_sessions']:.0f} s over every session"
+            if t.get("train_seconds_all_sessions", 0) > t["train_seconds"] + 0.5 else "")),
         ("steps / epochs", f"{t['steps']} / {t['epochs']:.2f}"),
         ("tokens/s: steady-state / whole stage", f"{_rate(t.get('steady_tokens_per_second'))} / "
                                                   f"{_rate(t.get('stage_tokens_per_second'))}"),

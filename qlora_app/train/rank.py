@@ -44,13 +44,13 @@ def main(argv: list[str]) -> int:
     from qlora_app.plan.layout import from_manifest
     from qlora_app.train.stage import prepare_data, train_in
 
-    recorded = json.loads(argv[1])
-    run, chosen = RunDir(Path(argv[0])), from_manifest(recorded, recorded["reason"])
-    checkpoint = Path(argv[2]) if len(argv) > 2 else None
+    run, started = RunDir(Path(argv[0])), time.time()
     if not distributed.is_main():
         console.out.quiet = console.err.quiet = True
-    started = time.time()
-    try:
+    try:  # from the first argument on: a layout mangled on its way here is this rank's one line too
+        recorded = json.loads(argv[1])
+        chosen = from_manifest(recorded, recorded["reason"])
+        checkpoint = Path(argv[2]) if len(argv) > 2 else None
         distributed.bind_device()
         recipe = run.recipe()
         tokenizer = load_tokenizer(recipe)

@@ -24,6 +24,7 @@ from qlora_app.machine.disk_full import is_disk_full
 from qlora_app.machine.doctor import check_driver
 from qlora_app.machine.gpu import query_gpu
 from qlora_app.model.architecture import check_recipe
+from qlora_app.model.loading import check_target_modules
 from qlora_app.plan import layout
 from qlora_app.plan.report import out_of_memory_advice
 from qlora_app.recipe.schema import Recipe
@@ -58,15 +59,21 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
 def find_resumable(recipe: Recipe, root: Path, resume: str, ranks: int = 1) -> RunDir:
     """The run to continue: the latest of the recipe, or the one named; it must not have finished and must have
     been started with the same training settings on as many ranks."""
-    run = latest_run(recipe.name, root) if resume == "latest" else RunDir(Path(resume))
-    if run is None or not run.recipe_file.is_file():
-        raise UserError(f"nothing to resume: no run of recipe '{recipe.name}' under {root}")
-    if run.finished:
-        raise UserError(f"run {run.path} already finished; start a new one without --resume")
+    run = run_to_resume(recipe.name, root, resume)
     if run.recipe().training_fields() != recipe.training_fields():
         raise UserError(f"run {run.path} was started with a different recipe; resume it without --set, "
                         "or start a new run")
     check_same_ranks(run, ranks)
+    return run
+
+
+def run_to_resume(name: str, root: Path, resume: str) -> RunDir:
+    """The latest run of recipe `name` (resume: latest), or the run named; one that has not finished."""
+    run = latest_run(name, root) if resume == "latest" else RunDir(Path(resume))
+    if run is None or not run.recipe_file.is_file():
+        raise UserError(f"nothing to resume: no run of recipe '{name}' under {root}")
+    if run.finished:
+        raise UserError(f"run {run.path} already finished; start a new one without --resume")
     return run
 
 
@@ -105,9 +112,11 @@ def check_report_to(recipe: Recipe) -> None:
 
 
 def check_same_ranks(run: RunDir, ranks: int) -> None:
-    before = run.read_manifest().get("ranks", 1)
+    manifest = run.read_manifest()
+    before = manifest.get("ranks", 1)
     if before != ranks:
-        raise UserError(f"run {run.path} was trained on {before} rank(s): resume it with --gpus {before}; its "
+        flags = distributed.launch_flags(before, manifest.get("ranks_per_node", before)) or " --gpus 1"
+        raise UserError(f"run {run.path} was trained on {before} rank(s): resume it with{flags}; its "
                         f"checkpoints hold one random state per rank, so {ranks} rank(s) would not continue "
                         "exactly the same run (start a new run to use another number of GPUs)")
 
@@ -123,6 +132,7 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     check_driver()
     check_report_to(recipe)
     check_recipe(recipe)  # a supported family, LoRA on its own projections
+    check_target_modules(recipe)
     run = find_resumable(recipe, root, resume, ranks) if resume else None
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
@@ -143,7 +153,8 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     free_gpu = query_gpu().free_bytes  # before our own weights take any
     manifest = run.read_manifest() or initial_manifest(recipe, run, data, tokenizer)
     console.note(chosen.describe())
-    manifest.update(status="running", ranks=ranks, layout=chosen.to_manifest())
+    manifest.update(status="running", ranks=ranks, ranks_per_node=distributed.local_world_size(),
+                    layout=chosen.to_manifest())
     if main:
         write_json_atomic(run.manifest, manifest)
 
@@ -175,7 +186,8 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
             write_json_atomic(run.manifest, manifest)
         distributed.barrier()  # no rank leaves (and gets its peers killed) before rank 0 has written
         last = run.complete_checkpoints()
-        again = f"qlora-app train {recipe.name} --resume" + (f" --gpus {ranks}" if ranks > 1 else "")
+        again = f"qlora-app train {recipe.name} --resume" + distributed.launch_flags(ranks,
+                                                                                   distributed.local_world_size())
         raise TrainingInterrupted(
             f"training stopped by {signal.Signals(stopper.received).name} at step "
             f"{trainer.state.global_step}; {last[-1].name if last else 'no checkpoint'} saved in {run.checkpoints}; "

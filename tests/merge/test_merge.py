@@ -71,6 +71,7 @@ def test_merge_settings_given_now_are_the_ones_used(tmp_path, trained_run):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((copy / "merged" / "merge_report.json").read_text())
     assert report["settings"]["dtype"] == "float16" and report["base_weights"] == "original"
+    assert report["verified"] is False and "verification" not in report  # a later pipeline merges again
     with safe_open(copy / "merged" / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float16
     assert_one_line_error(run_cli("merge", str(copy), "--set", "train.lr=0.1"), "merge takes only merge.* settings")

@@ -111,3 +111,20 @@ def test_a_rank_reads_its_own_gpu(monkeypatch):
     for hidden in ("", "-1"):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
         assert local_device() is None
+
+
+@pytest.mark.parametrize("free_gib", [12, 14, 20, 24, 40])
+def test_out_of_memory_advice_keeps_the_rows_per_update(free_gib):
+    """A 16-row recipe (16 x 1) that ran out of memory: the advice is the planner's fastest layout of 16 rows,
+    never 14 x 1 ("same tokens per update" must be true)."""
+    import re
+
+    from qlora_app.plan.report import out_of_memory_advice
+
+    recipe = load_recipe("llama3-8b", ["train.batch_size=16", "train.grad_accum=1"])
+    advice = out_of_memory_advice(recipe, free_gib * 2**30)
+    batch, accum = map(int, re.search(r"train.batch_size=(\d+) --set train.grad_accum=(\d+)", advice).groups())
+    assert batch * accum == 16, advice
+    best = planner.fastest_layout(recipe, load_architecture(recipe.model), free_gib * 2**30)
+    assert (batch, accum) == (best.batch_size, best.grad_accum), advice
+    assert f"train.gradient_checkpointing={str(best.gradient_checkpointing).lower()}" in advice

@@ -87,3 +87,86 @@ def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
     assert args["fsdp"] is True
     assert args["fsdp_config"] == {"version": 2, "cpu_ram_efficient_loading": True, "reshard_after_forward": True}
     assert fsdp_args(load_recipe("llama3-8b")) == {}  # ddp
+
+
+@pytest.mark.parametrize("gpus", ["²", "0", "two", "-1", "١"])
+def test_a_gpu_count_that_is_not_a_plain_number_is_one_line(gpus):
+    from qlora_app.train.launch import gpu_count
+
+    with pytest.raises(UserError, match=r"give a number of GPUs"):
+        gpu_count(gpus, visible=None)
+
+
+def test_superscript_gpu_count_is_one_line_before_a_run_directory(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "²"), "--gpus ²")
+    assert not any(tmp_path.iterdir())
+
+
+def test_more_gpus_than_visible_are_refused():
+    from qlora_app.train.launch import gpu_count
+
+    with pytest.raises(UserError, match=r"--gpus 4: only 2 GPUs are visible"):
+        gpu_count("4", visible=2)
+    assert gpu_count("2", visible=2) == 2 and gpu_count("all", visible=2) == 2
+    assert gpu_count("4", visible=None) == 4  # no CUDA: CPU ranks with gloo, as many as asked
+
+
+@pytest.mark.parametrize(("ranks", "per_node", "flags"), [
+    (1, 1, ""), (2, 2, " --gpus 2"), (16, 8, " --gpus 8 --nodes 2"), (2, 1, " --gpus 1 --nodes 2")])
+def test_resume_advice_names_gpus_per_node_and_nodes(ranks, per_node, flags):
+    from qlora_app.train.distributed import launch_flags
+
+    assert launch_flags(ranks, per_node) == flags
+
+
+def test_several_nodes_without_an_address_are_refused_before_a_run_directory(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--nodes", "2", "--set", "train.grad_accum=2")
+    assert_one_line_error(result, "--master-addr")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_command_for_other_nodes_can_be_pasted_into_a_shell():
+    import shlex
+
+    from qlora_app.train.distributed import node_command
+
+    layout = '{"batch_size": 4, "grad_accum": 2, "gradient_checkpointing": true, "reason": "batch_size auto: 4 x 2"}'
+    nodes = Nodes(count=2, rank=1, addr="10.0.0.5")
+    args = ["/shared/runs/my run", layout]
+    line = node_command(8, nodes, args, "/shared/runs/my run/logs")
+    assert shlex.split(line) == torchrun_command(8, nodes, args, "/shared/runs/my run/logs")
+
+
+def test_a_rank_given_a_mangled_layout_leaves_its_one_line_error(tmp_path):
+    """What a rank got from an unquoted paste: its failure is recorded for the launcher, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, "-m", RANK_MODULE, str(tmp_path), "{batch_size:"], capture_output=True,
+                            text=True, cwd=REPO, env=os.environ, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    stamp_and_code, message = (tmp_path / "logs" / "rank-0.error").read_text().splitlines()[:2]
+    assert stamp_and_code.split()[1] == "1" and message.startswith("JSONDecodeError")
+
+
+def test_a_session_does_not_report_an_earlier_session_s_rank_error(tmp_path):
+    """An interruption left rank-0.error behind; this session's rank dies without a word (json.tool, exit 2):
+    its own exit is reported, not the old SIGTERM (exit 143)."""
+    from qlora_app.run.directory import RunDir
+    from qlora_app.train.launch import RankFailed, run_ranks
+
+    run = RunDir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "rank-0.error").write_text("1 143\ntraining stopped by SIGTERM at step 5\n")
+    silent_failure = ["--standalone", "--nnodes", "1", "--nproc-per-node", "1", "--max-restarts", "0",
+                      "--log-dir", str(tmp_path / "logs"), "--module", "json.tool", str(tmp_path / "missing.json")]
+    with pytest.raises(RankFailed, match="rank 0 ended with exit code 2 before it could say why") as failed:
+        run_ranks(silent_failure, run)
+    assert failed.value.exit_code == 1

@@ -69,3 +69,17 @@ def test_manifest_and_summary_carry_steady_state_and_stage_throughput(trained_ru
     assert 0 < t["stage_tokens_per_second"] < t["steady_tokens_per_second"]
     assert "tokens/s: steady-state / whole stage" in trained_run.stdout
     assert f"{t['steady_tokens_per_second']:,.0f} / {t['stage_tokens_per_second']:,.0f}" in trained_run.stdout
+
+
+def test_a_resumed_run_reports_the_rate_and_time_of_its_own_session():
+    """Session 1 stopped at step 5 (500 tokens in 10 s), session 2 trained steps 6-10 (trl's count restarted:
+    400 tokens in 12 s) within a 15 s stage: the rate is 400 / 12, and training never outlasts the stage."""
+    from qlora_app.train.outputs import session_timing
+
+    first = [{"step": s, "num_tokens": 100 * s} for s in range(1, 6)] + [{"step": 5, "train_runtime": 10.0}]
+    second = [{"step": s, "num_tokens": 80 * (s - 5)} for s in range(6, 11)] + [{"step": 10, "train_runtime": 12.0}]
+    timing = session_timing(first + second + [{"step": 10, "eval_loss": 1.0}], 400, 15.0)
+    assert timing["tokens_per_second"] == pytest.approx(400 / 12, abs=0.1)
+    assert timing["train_seconds"] == 12.0 <= timing["stage_seconds"] == 15.0
+    assert timing["train_seconds_all_sessions"] == 22.0
+    assert timing["stage_tokens_per_second"] == pytest.approx(400 / 15, abs=0.1)

@@ -77,6 +77,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     resumed = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_resumed_like_uninterrupted(run.path, trained_run.path, stopped_at)
+    t = run.read_manifest()["training"]  # this session's figures: its training fits in its stage
+    assert t["train_seconds"] <= t["stage_seconds"] and t["train_seconds_all_sessions"] > t["train_seconds"]
 
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tmp_path, trained_run):
@@ -196,3 +198,13 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "skipping checkpoint-20" in resumed.stderr and "resuming from checkpoint-10" in resumed.stderr
     assert run.read_manifest()["status"] == "finished"
+
+
+def test_resume_without_set_continues_a_run_started_with_set(tmp_path):
+    """A run started with `train tiny --set ...` and stopped prints `qlora-app train tiny --resume`: that command
+    continues it with the recipe it was started with (it was refused as 'a different recipe')."""
+    run = RunDir.create(load_recipe("tiny", ["train.max_steps=2", "train.eval_steps=2"]), tmp_path)
+    run.mark_latest()  # stopped before its first checkpoint: resumed from the start
+    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert run.finished and run.read_manifest()["training"]["steps"] == 2
