@@ -23,7 +23,7 @@ from qlora_app.machine.atomic import write_json_atomic
 from qlora_app.machine.disk_full import is_disk_full
 from qlora_app.machine.doctor import check_driver
 from qlora_app.machine.gpu import query_gpu
-from qlora_app.model.architecture import check_recipe
+from qlora_app.model.architecture import check_recipe, load_architecture
 from qlora_app.model.loading import check_target_modules
 from qlora_app.plan import layout
 from qlora_app.plan.report import out_of_memory_advice
@@ -131,8 +131,9 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     """Everything checked before weights load; the run directory, created once the data is known to be good."""
     check_driver()
     check_report_to(recipe)
-    check_recipe(recipe)  # a supported family, LoRA on its own projections
-    check_target_modules(recipe)
+    load_architecture(recipe.model)  # a supported family, else one line naming those that are
+    check_target_modules(recipe)  # names the model has (peft drops a typo silently)
+    check_recipe(recipe)  # LoRA on the family's projections, the ones vLLM serves adapters on
     run = find_resumable(recipe, root, resume, ranks) if resume else None
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
