@@ -74,7 +74,7 @@ define require_key
 endef
 key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 
-.PHONY: help venv test lint demo image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation
+.PHONY: help venv test lint demo image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation docs
 
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -112,6 +112,9 @@ demo: venv ## On CPU, in .venv: recipes, the 8B plan, then the tiny recipe train
 	$(VENV_APP) recipes
 	$(VENV_APP) plan llama3-8b --compare
 	$(VENV_APP) demo
+
+docs: venv ## Build the documentation site (mkdocs.yml, docs/) into site/; a warning fails the build
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 image: ## Build the GPU image IMAGE (CUDA 13, vLLM, the training stack) from requirements/gpu.lock
 	@scripts/docker-preflight.sh
@@ -172,5 +175,5 @@ mutation: venv ## Mutation testing (mutmut, not in CI) of pyproject's [tool.mutm
 	$(PY) scripts/mutation_report.py
 
 clean: ## Remove the virtual environments and caches (never runs/, never the image)
-	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info mutants
+	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info mutants site
 	find . -path ./runs -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
