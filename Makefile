@@ -74,7 +74,7 @@ define require_key
 endef
 key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 
-.PHONY: help venv test lint demo smoke image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation
+.PHONY: help venv test lint demo smoke image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation docs
 
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -116,6 +116,9 @@ demo: venv ## On CPU, in .venv: recipes, the 8B plan, then the tiny recipe train
 smoke: $(APP_DEPS) ## First on a rented GPU: doctor, then the tiny model trained (RECIPE's attention), merged, served, asked
 	$(call preflight,gpu)
 	$(call app,gpu) doctor --smoke $(if $(RECIPE),--recipe $(RECIPE))
+
+docs: venv ## Build the documentation site (mkdocs.yml, docs/) into site/; a warning fails the build
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 image: ## Build the GPU image IMAGE (CUDA 13, vLLM, the training stack) from requirements/gpu.lock
 	@scripts/docker-preflight.sh
@@ -176,5 +179,5 @@ mutation: venv ## Mutation testing (mutmut, not in CI) of pyproject's [tool.mutm
 	$(PY) scripts/mutation_report.py
 
 clean: ## Remove the virtual environments and caches (never runs/, never the image)
-	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info mutants
+	rm -rf $(VENV) .lock-venv .pytest_cache .ruff_cache .cache build dist *.egg-info mutants site
 	find . -path ./runs -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -20,7 +20,8 @@ IMAGE = f"qlora-app:{VERSION}"
 SECRETS = {"HF_TOKEN": "hf_secretvalue", "QLORA_API_KEY": "sk-secret"}
 APP_TARGETS = ["recipes", "plan", "train", "merge", "serve", "pipeline", "smoke"]
 GPU_TARGETS = ["train", "merge", "serve", "pipeline", "smoke"]
-ALL_TARGETS = ["help", "image", "demo", "test", "lint", "clean", "venv", "lock-cpu", "lock-gpu", "mutation", *APP_TARGETS]
+ALL_TARGETS = ["help", "image", "demo", "test", "lint", "docs", "clean", "venv", "lock-cpu", "lock-gpu", "mutation",
+               *APP_TARGETS]
 UID_GID = f"{os.getuid()}:{os.getgid()}"
 
 

@@ -128,15 +128,16 @@ def test_checkpointing_cuts_activations_and_planner_is_linear_in_batch():
     assert planner.plan(recipe, arch, seq_len=seq).total <= budget < planner.plan(recipe, arch, seq_len=seq + 64).total
 
 
-def test_readme_recipe_table_matches_the_planner():
+@pytest.mark.parametrize("page", ["README.md", "docs/recipes.md"])
+def test_recipe_tables_match_the_planner(page):
     import re
-    from pathlib import Path
 
     from qlora_app.model.architecture import load_architecture
+    from qlora_app.recipe.loader import list_recipes
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    rows = re.findall(r"^\| `([\w.-]+)` \|.*\| ([\d.]+) \|$", readme, flags=re.MULTILINE)
-    assert len(rows) >= 4
+    text = (Path(__file__).resolve().parents[2] / page).read_text()
+    rows = re.findall(r"^\| `([\w.-]+)` \|.*\| ([\d.]+) \|$", text, flags=re.MULTILINE)
+    assert sorted(name for name, _ in rows) == list_recipes(), "every shipped recipe, once"
     for name, figure in rows:
         recipe = load_recipe(name)
         assert f"{planner.plan(recipe, load_architecture(recipe.model)).total / 2**30:.2f}" == figure, name
