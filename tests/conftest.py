@@ -112,7 +112,7 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> TrainedRun:
 
 def tiny_facts(name: str = "capitals.jsonl") -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in (REPO / "data" / "tiny" / name).read_text().splitlines() if line.strip()]
-    return [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in rows]  # each row's last turn
+    return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]
 
 
 def free_port() -> int:
