@@ -39,23 +39,30 @@ def ask(client, model: str, question: Question, max_tokens: int) -> Answer:
 
 def answer_all(client, models: list[str], asked: list[Question], max_tokens: int,
                concurrency: int) -> dict[str, list[Answer]]:
-    """Every question to every model, `concurrency` requests in flight, with a progress bar."""
-    import openai
+    """Every question to every model, one model after the other, `concurrency` requests in flight, with a
+    progress bar. Models never share a batch: vLLM 0.32's CPU build applied the adapter to base requests
+    batched beside adapter requests (the base then "knew" a third of the tuned answers)."""
     from rich.progress import Progress
 
-    answers: dict[str, list] = {model: [None] * len(asked) for model in models}
+    with Progress(console=console.err, transient=True) as progress:
+        task = progress.add_task("eval: answering", total=len(models) * len(asked))
+        return {model: answer_one_model(client, model, asked, max_tokens, concurrency,
+                                        lambda: progress.advance(task)) for model in models}
+
+
+def answer_one_model(client, model: str, asked: list[Question], max_tokens: int, concurrency: int,
+                     advance) -> list[Answer]:
+    import openai
+
+    answers: list = [None] * len(asked)
     pool = ThreadPoolExecutor(max_workers=concurrency)
     try:
-        futures = {pool.submit(ask, client, model, q, max_tokens): (model, i)
-                   for model in models for i, q in enumerate(asked)}
-        with Progress(console=console.err, transient=True) as progress:
-            task = progress.add_task("eval: answering", total=len(futures))
-            for future in as_completed(futures):
-                model, i = futures[future]
-                answers[model][i] = future.result()
-                progress.advance(task)
+        futures = {pool.submit(ask, client, model, q, max_tokens): i for i, q in enumerate(asked)}
+        for future in as_completed(futures):
+            answers[futures[future]] = future.result()
+            advance()
     except openai.APIError as exc:
-        raise UserError(f"the eval server refused a question: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"the eval server refused a question to {model}: {str(exc).splitlines()[0]}") from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return answers
