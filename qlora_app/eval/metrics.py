@@ -97,5 +97,12 @@ def worst_table(items: list[dict]) -> Table:
     for column in ("question", "reference", "base", "tuned"):
         out.add_column(column, overflow="fold")
     for item in worst(items):
-        out.add_row(item["question"], item["reference"], item["base"], item["tuned"])
+        out.add_row(*(printable(item[key]) for key in ("question", "reference", "base", "tuned")))
     return out
+
+
+def printable(text: str):
+    """A model's answer as plain text for the terminal: control characters shown as U+FFFD, no rich markup."""
+    from rich.text import Text
+
+    return Text("".join(c if c.isprintable() or c == "\n" else "\ufffd" for c in text))

@@ -42,3 +42,14 @@ def test_table_shows_both_models_and_the_difference():
 def test_worst_examples_are_the_lowest_tuned_chrf_first():
     items = [{"tuned_chrf": c, "id": i} for i, c in enumerate([90.0, 10.0, 50.0, 100.0])]
     assert [item["id"] for item in worst(items, 2)] == [1, 2]
+
+
+def test_worst_answers_are_shown_as_plain_printable_text():
+    from rich.console import Console
+
+    from qlora_app.eval.metrics import worst_table
+
+    item = {"question": "q?", "reference": "r", "base": "[bold]x\x1c", "tuned": "t", "tuned_chrf": 0.0}
+    console = Console(width=120, record=True)
+    console.print(worst_table([item]))
+    assert "[bold]x\ufffd" in console.export_text()
