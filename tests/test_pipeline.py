@@ -85,3 +85,21 @@ def test_a_failing_stage_stops_the_pipeline_with_its_error(tmp_path):
     result = run_cli("pipeline", "tiny", "--runs-dir", str(tmp_path / "runs"), "--set", f"data.source={bad}")
     assert_one_line_error(result, f"{bad}:2: malformed JSON")
     assert not (tmp_path / "runs" / "tiny").exists() or not any((tmp_path / "runs" / "tiny").iterdir())
+
+
+@pytest.mark.slow
+def test_eval_is_skipped_when_switched_off_or_current(run_copy, capsys):
+    from qlora_app.eval.stage import fingerprint, is_current
+    from qlora_app.pipeline import ensure_evaluated
+
+    root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
+    ensure_evaluated(run_copy, load_recipe("tiny", ["eval.enabled=false"]), root)
+    assert "eval: skipped (eval.enabled: false)" in capsys.readouterr().err
+    assert not is_current(run_copy, tiny)  # never evaluated
+    scores = {"exact_match": 1.0, "rouge_l": 1.0, "chrf": 100.0, "stopped": 1.0, "mean_tokens": 8.0}
+    write_json_atomic(run_copy.eval_report, {**fingerprint(run_copy, tiny), "examples": 1, "items": [],
+                                             "scores": {"base": scores, "tuned": scores}})
+    ensure_evaluated(run_copy, tiny, root)
+    captured = capsys.readouterr()
+    assert f"eval: skipped, {run_copy.eval_report} is current" in captured.err and "exact match" in captured.out
+    assert not is_current(run_copy, load_recipe("tiny", ["eval.max_tokens=32"]))
