@@ -62,3 +62,28 @@ def test_the_model_card_holds_the_evaluation_table(evaluated):
     tuned = json.loads(run.eval_report.read_text())["scores"]["tuned"]
     assert "## Evaluation" in card and "| metric | base | tuned |" in card
     assert "| chrF | " in card and f"{tuned['chrf']:.1f} |" in card
+
+
+@pytest.mark.last
+def test_sigterm_stops_eval_and_its_server_leaving_no_process(evaluated):
+    """SIGTERM while the server is starting: eval exits 130 and no process serving this run is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, live_processes, survivors
+
+    run = evaluated[0]
+    root = run.path.parent.parent
+    process = subprocess.Popen([sys.executable, "-m", "qlora_app", "eval", str(run.path), "--runs-dir", str(root)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not live_processes(str(run.adapter)) and time.monotonic() < deadline:  # the event: vLLM is running
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    assert live_processes(str(run.adapter)), "vLLM never started"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(120) == 130, process.stderr.read()
+    assert survivors(str(run.adapter)) == []
