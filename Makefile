@@ -1,8 +1,9 @@
 # qlora-app: `make help` lists the targets and variables.
 #
-# The app targets (recipes, plan, train, merge, serve, pipeline) run `qlora-app` inside the GPU image by default;
-# LOCAL=1 runs the same command in the project's virtual environment (.venv) instead; so does `smoke` (the
-# stack proven in minutes: `qlora-app doctor --smoke`). `demo` and `test` are always local (CPU). Secrets are passed to Docker by name only (-e HF_TOKEN), never by value.
+# The app targets (recipes, plan, train, merge, eval, serve, pipeline) run `qlora-app` inside the GPU image by
+# default; LOCAL=1 runs the same command in the project's virtual environment (.venv) instead; so does `smoke` (the
+# stack proven in minutes: `qlora-app doctor --smoke`). `demo` and `test` are always local (CPU). Secrets are
+# passed to Docker by name only (-e HF_TOKEN), never by value.
 SHELL := bash
 .DEFAULT_GOAL := help
 
@@ -52,7 +53,7 @@ preflight = $(if $(LOCAL),,@scripts/docker-preflight.sh $(if $(1),--gpu )$(IMAGE
 # installed from requirements/gpu.lock, say) and is used as it is.
 APP_DEPS := $(if $(LOCAL),$(if $(filter .venv,$(VENV)),venv))
 
-# merge and serve take RUN, else the latest run of RECIPE, else the latest run of any recipe (runs/latest).
+# merge, eval and serve take RUN, else the latest run of RECIPE, else the latest run of any recipe (runs/latest).
 RUN_ARGS = $(if $(RUN),$(call in_app,$(RUN)),$(if $(RECIPE),--recipe $(RECIPE)))
 need_recipe = $(if $(RECIPE),,$(error make $@ needs RECIPE=<name>: `make recipes` lists them))
 SET_ARGS = $(foreach s,$(SET),--set $(s))
@@ -74,12 +75,12 @@ define require_key
 endef
 key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 
-.PHONY: help venv test lint demo smoke image recipes plan train merge serve pipeline lock-cpu lock-gpu clean mutation docs
+.PHONY: help venv test lint demo smoke image recipes plan train merge eval serve pipeline lock-cpu lock-gpu clean mutation docs
 
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo
-	@echo "Variables: RECIPE=<name> (train, plan, pipeline; smoke: its attention)  RUN=<run dir> (merge, serve; default: the latest run,"
+	@echo "Variables: RECIPE=<name> (train, plan, pipeline; smoke: its attention)  RUN=<run dir> (merge, eval, serve; default: the latest run,"
 	@echo "  of RECIPE if given)  SET=\"key=value ...\"  RESUME=1|RUN_DIR"
 	@echo "  BASE=RECIPE ADAPTERS=\"name=RUN_DIR ...\" (serve adapters)  PORT=$(PORT)  BIND=$(BIND)  GPU_MEMORY=$(GPU_MEMORY)"
 	@echo "  IMAGE=$(IMAGE)  GPUS=$(GPUS) (given: train one rank per GPU)  NPROC=N (train ranks)  HF_HOME=$(HF_HOME)"
@@ -148,7 +149,11 @@ serve: $(APP_DEPS) ## Serve the latest run's merged model (of RECIPE, or RUN) on
 	$(call preflight,gpu)
 	$(call app,gpu,$(PUBLISH)) serve $(SERVE_ARGS) $(SET_ARGS) $(LISTEN)
 
-pipeline: $(APP_DEPS) ## Train, merge and serve RECIPE, skipping the stages already done
+eval: $(APP_DEPS) ## Evaluate the latest run (of RECIPE, or RUN) base vs tuned on its held-out split: RUN/eval.json
+	$(call preflight,gpu)
+	$(call app,gpu) eval $(RUN_ARGS) $(SET_ARGS)
+
+pipeline: $(APP_DEPS) ## Train, merge, evaluate and serve RECIPE, skipping the stages already done
 	$(need_recipe)
 	$(key_check)
 	$(call preflight,gpu)

@@ -216,6 +216,24 @@ def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, ad
                   allow_unauthenticated)
 
 
+@main.command("eval")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--recipe", "recipe_name", default=None, help="Evaluate the latest run of this recipe.")
+@click.option("--set", "overrides", multiple=True, metavar="eval.KEY=VALUE",
+              help="Override an eval setting of the run's recipe, e.g. --set eval.limit=50 (repeatable).")
+@runs_dir_option
+def eval_cmd(run_dir: str | None, recipe_name: str | None, overrides: tuple[str, ...], runs_dir: str | None) -> None:
+    """Base vs tuned on a run's held-out split (default: the latest run of any recipe, or of --recipe).
+
+    One vLLM server serves the base and the run's adapter; greedy answers of at most eval.max_tokens are scored
+    (exact match, ROUGE-L, chrF, share finished, length) into RUN_DIR/eval.json and the merged model's card.
+    """
+    from qlora_app.eval.stage import eval_command
+    from qlora_app.run.directory import runs_root
+
+    eval_command(run_dir, recipe_name, overrides, runs_root(runs_dir))
+
+
 @main.command("pipeline")
 @click.argument("recipe")
 @overrides_option
@@ -223,10 +241,12 @@ def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, ad
 @runs_dir_option
 def pipeline_cmd(recipe: str, overrides: tuple[str, ...], host: str | None, port: int | None,
                  allow_unauthenticated: bool, runs_dir: str | None) -> None:
-    """Train, merge and serve RECIPE; a stage whose outputs are already current is skipped.
+    """Train, merge, evaluate (unless eval.enabled: false) and serve RECIPE; a stage whose outputs are already
+    current is skipped.
 
     Training is current when the latest run finished with the same settings and data (an interrupted one
-    is resumed); a merged model is current when it was made from that run's adapter.
+    is resumed); a merged model, or eval.json, is current when it was made from that run's adapter (eval: with
+    the same eval settings and held-out data).
     """
     from qlora_app.pipeline import pipeline
     from qlora_app.recipe.loader import load_recipe

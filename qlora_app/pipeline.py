@@ -1,4 +1,4 @@
-"""train -> merge -> serve, each stage skipped when its outputs are already current.
+"""train -> merge -> eval -> serve, each stage skipped when its outputs are already current.
 
 Training is current when a run of the recipe finished with the same training settings and the same data
 (fingerprints of the normalized records); an interrupted one with a checkpoint is resumed instead of restarted.
@@ -72,10 +72,26 @@ def ensure_merged(run: RunDir, recipe: Recipe) -> None:
         merge(run, recipe.merge)
 
 
+def ensure_evaluated(run: RunDir, recipe: Recipe, root: Path) -> None:
+    """Base vs tuned on the held-out split; skipped when switched off or eval.json is current."""
+    from qlora_app.eval.stage import evaluate, is_current, print_report
+
+    if not recipe.eval.enabled:
+        console.note("eval: skipped (eval.enabled: false)")
+    elif is_current(run, recipe):
+        console.note(f"eval: skipped, {run.eval_report} is current (this adapter, data and eval settings)")
+        import json
+
+        print_report(json.loads(run.eval_report.read_text()))
+    else:
+        evaluate(run, recipe, root)
+
+
 def pipeline(recipe: Recipe, root: Path, host: str, port: int, allow_unauthenticated: bool = False) -> None:
     from qlora_app.serve.stage import serve
     from qlora_app.serve.target import merged_target
 
     run = ensure_trained(recipe, root)
     ensure_merged(run, recipe)
+    ensure_evaluated(run, recipe, root)
     serve(merged_target(run, recipe), host, port, root, allow_unauthenticated)

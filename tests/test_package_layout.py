@@ -17,6 +17,7 @@ LAYERS = [
     {"cli"},
     {"demo", "smoke"},
     {"pipeline", "chat", "push"},
+    {"eval"},
     {"train", "merge", "serve"},
     {"plan", "data"},
     {"model"},
@@ -29,7 +30,8 @@ RANK = {unit: depth for depth, layer in enumerate(LAYERS) for unit in layer}
 # Modules that import parts of the package inside functions, to keep `qlora-app --help` and vLLM's process fast.
 DEFERRED = {"cli.py", "pipeline.py", "push.py", "chat.py", "train/stage.py", "train/launch.py", "train/rank.py",
             "merge/stage.py", "merge/verify.py", "serve/stage.py", "serve/target.py", "hub/card.py",
-            "machine/doctor.py", "model/tiny.py", "plan/layout.py", "train/attention.py"}
+            "machine/doctor.py", "model/tiny.py", "plan/layout.py", "train/attention.py",
+            "eval/stage.py", "eval/generate.py"}
 
 
 def unit_of(module: str) -> str:

@@ -118,3 +118,20 @@ def test_an_interrupted_run_of_several_ranks_is_not_resumed_by_the_pipeline(tmp_
     (run.checkpoints / "checkpoint-5").mkdir(parents=True)
     (run.checkpoints / "checkpoint-5" / COMPLETE_MARKER).write_text("")
     assert reusable_run(tiny, tmp_path) == (run if reused else None)
+
+@pytest.mark.slow
+def test_eval_is_skipped_when_switched_off_or_current(run_copy, capsys):
+    from qlora_app.eval.stage import fingerprint, is_current
+    from qlora_app.pipeline import ensure_evaluated
+
+    root, tiny = run_copy.path.parent.parent, load_recipe("tiny")
+    ensure_evaluated(run_copy, load_recipe("tiny", ["eval.enabled=false"]), root)
+    assert "eval: skipped (eval.enabled: false)" in capsys.readouterr().err
+    assert not is_current(run_copy, tiny)  # never evaluated
+    scores = {"exact_match": 1.0, "rouge_l": 1.0, "chrf": 100.0, "stopped": 1.0, "mean_tokens": 8.0}
+    write_json_atomic(run_copy.eval_report, {**fingerprint(run_copy, tiny), "examples": 1, "items": [],
+                                             "scores": {"base": scores, "tuned": scores}})
+    ensure_evaluated(run_copy, tiny, root)
+    captured = capsys.readouterr()
+    assert f"eval: skipped, {run_copy.eval_report} is current" in captured.err and "exact match" in captured.out
+    assert not is_current(run_copy, load_recipe("tiny", ["eval.max_tokens=32"]))

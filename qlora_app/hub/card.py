@@ -84,7 +84,7 @@ def render(run: RunDir, facts: CardFacts) -> str:
     recipe = run.recipe()
     manifest = run.read_manifest()
     sections = [metadata(recipe, facts), summary(recipe, run, manifest, facts), usage(recipe, facts),
-                merge_section(facts.merged_dir), versions(manifest),
+                merge_section(facts.merged_dir), evaluation_section(run), versions(manifest),
                 "## Recipe\n\nThe resolved recipe the run used (`recipe.yaml`):\n\n```yaml\n"
                 f"{run.recipe_file.read_text().rstrip()}\n```\n"]
     return "\n".join(s for s in sections if s)
@@ -156,6 +156,25 @@ def merge_section(merged_dir: Path | None) -> str:
         lines.append(f"- largest logit difference, merged vs base + adapter: {fmt(check.get('max_logit_diff'))}")
         lines.append(f"- held-out loss of the merged model: {fmt(check.get('loss_merged'))}")
     return "## Merge report\n\n" + "\n".join(lines) + "\n"
+
+
+EVAL_ROWS = (("exact match", "exact_match", "{:.0%}"), ("ROUGE-L", "rouge_l", "{:.3f}"), ("chrF", "chrf", "{:.1f}"),
+             ("finished (stop)", "stopped", "{:.0%}"), ("mean answer tokens", "mean_tokens", "{:.1f}"))
+
+
+def evaluation_section(run: RunDir) -> str:
+    """Base vs tuned on the held-out split, from the eval stage's eval.json (nothing when it has not run)."""
+    if not run.eval_report.is_file():
+        return ""
+    report = json.loads(run.eval_report.read_text())
+    scores = report.get("scores", {})
+    if not {"base", "tuned"} <= set(scores):
+        return ""
+    rows = [f"| {label} | {fmt.format(scores['base'][key])} | {fmt.format(scores['tuned'][key])} |"
+            for label, key, fmt in EVAL_ROWS]
+    return (f"## Evaluation\n\nBase vs tuned on {report.get('examples')} held-out examples (greedy, at most "
+            f"{report.get('settings', {}).get('max_tokens')} tokens; `eval.json`):\n\n"
+            "| metric | base | tuned |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def versions(manifest: dict) -> str:

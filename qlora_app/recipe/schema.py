@@ -213,6 +213,23 @@ class ServeSpec(Section):
                              "(vLLM --data-parallel-size).")
 
 
+class EvalSpec(Section):
+    """Base vs tuned on the held-out split, through one vLLM server (the base plus the adapter), after merge."""
+
+    enabled: bool = Field(True, description="Run eval in the pipeline, between merge and serve.")
+    max_tokens: int = Field(256, ge=1, description="Longest answer generated (greedy); a longer one is cut.")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
+    tasks: tuple[str, ...] = Field(
+        (), description="General-skill tasks (lm-evaluation-harness names) run on base and tuned.")
+    limit: int | None = Field(None, ge=1, description="Held-out examples (and examples a task) at most.")
+    drop_warning: float = Field(
+        0.02, ge=0, le=1, description="Warn when a general task's accuracy drops by more than this.")
+
+    def settings(self) -> dict:
+        """What decides eval.json: two specs equal here give the same evaluation."""
+        return self.model_dump(mode="json", exclude={"enabled"})
+
+
 class Recipe(Section):
     name: str
     description: str = ""
@@ -223,6 +240,7 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     merge: MergeSpec = MergeSpec()
     serve: ServeSpec = ServeSpec()
+    eval: EvalSpec = EvalSpec()
 
     @property
     def method(self) -> Literal["qlora", "lora"]:
@@ -234,7 +252,7 @@ class Recipe(Section):
 
     def training_fields(self) -> dict:
         """What decides the trained adapter: two recipes equal here train the same run."""
-        return self.model_dump(exclude={"name", "description", "merge", "serve"})
+        return self.model_dump(exclude={"name", "description", "merge", "serve", "eval"})
 
     @property
     def max_model_len(self) -> int:

@@ -9,6 +9,7 @@ runs/<recipe>/<run-id>/
   loss_curve.png     train and eval loss
   manifest.json      versions, git commit, data fingerprint, timings, memory, losses
   merged/            the merge stage's 16-bit model, with merge_report.json (how it was made and checked)
+  eval.json          the eval stage's base vs tuned scores on the held-out split, with the answers
 runs/<recipe>/latest -> <run-id>     the recipe's newest run that has a checkpoint or finished
 runs/latest -> <recipe>/<run-id>     the same, over all recipes: what `merge` and `serve` take by default
 runs/logs/                           the serve stage's vLLM logs
@@ -53,6 +54,7 @@ class RunDir:
     manifest = property(lambda self: self.path / "manifest.json")
     merged = property(lambda self: self.path / "merged")
     merge_report = property(lambda self: self.path / "merged" / "merge_report.json")
+    eval_report = property(lambda self: self.path / "eval.json")
 
     @classmethod
     def create(cls, recipe: Recipe, root: Path) -> RunDir:

@@ -66,6 +66,7 @@ def get_status(url: str, key: str | None = None) -> int:
 
 def test_pipeline_skips_current_training_and_serves_under_the_recipe_name(server, client):
     assert "train: skipped" in server.read_log()
+    assert "eval: base vs tuned on 12 held-out examples" in server.read_log()  # eval ran between merge and serve
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
