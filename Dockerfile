@@ -16,11 +16,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
-# Every package pinned with its hashes, wheels only: nothing is compiled, nothing unpinned slips in. The lock
-# is complete, so --no-deps: pip's hash mode otherwise rejects a dependency asked for with an extra
-# (nvidia-cutlass-dsl[cu13]) as "not pinned"; `pip check` below proves nothing is missing.
+# Every package pinned with its hashes, wheels only but rouge-score (the eval stage's ROUGE-L, published as an
+# sdist only, pure Python: built here from its hashed sdist): nothing unpinned slips in. The lock is complete,
+# so --no-deps: pip's hash mode otherwise rejects a dependency asked for with an extra (nvidia-cutlass-dsl[cu13])
+# as "not pinned"; `pip check` below proves nothing is missing.
 COPY requirements/gpu.lock /tmp/gpu.lock
-RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: -r /tmp/gpu.lock
+RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: --no-binary=rouge-score \
+    -r /tmp/gpu.lock
 # The project itself, its dependencies being exactly the lock's (setuptools is in the lock: no isolated build).
 COPY pyproject.toml README.md /src/
 COPY qlora_app /src/qlora_app

@@ -169,13 +169,13 @@ lock-cpu: ## Regenerate requirements/cpu.lock from requirements/cpu.in in a scra
 	  .lock-venv/bin/pip freeze --all --exclude-editable; } > requirements/cpu.lock
 	rm -rf .lock-venv
 
-# For the image: Ubuntu 24.04's Python 3.12 and glibc 2.39, wheels only, every file's hash (uv resolves for a
+# For the image: Ubuntu 24.04's Python 3.12 and glibc 2.39, wheels only but rouge-score (an sdist only), every file's hash (uv resolves for a
 # platform other than this machine's).
 lock-gpu: ## Regenerate requirements/gpu.lock (CUDA, Python 3.12, linux x86_64, hashes) from requirements/gpu.in
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q uv==$(UV_VERSION)
 	.lock-venv/bin/uv pip compile requirements/gpu.in -o requirements/gpu.lock --generate-hashes \
-	  --only-binary :all: --python-version 3.12 --python-platform x86_64-manylinux_2_39 \
+	  --only-binary :all: --no-binary rouge-score --python-version 3.12 --python-platform x86_64-manylinux_2_39 \
 	  --custom-compile-command "make lock-gpu" --quiet
 	rm -rf .lock-venv
 
