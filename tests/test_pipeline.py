@@ -20,7 +20,7 @@ from qlora_app.run.directory import RunDir, point_latest
 def run_copy(trained_run, tmp_path) -> RunDir:
     """A copy of the session's finished run, as the latest tiny run under a runs root of its own."""
     path = tmp_path / "tiny" / trained_run.path.name
-    shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
+    shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard", "eval.json"))
     point_latest(path.parent, path.name)
     return RunDir(path)
 

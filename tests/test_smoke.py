@@ -18,7 +18,8 @@ def test_smoke_trains_merges_serves_answers_and_says_pass(tmp_path):
     steps = dict(re.findall(r"^smoke: (\w+) +ok +\d+\.\d s  (.*)$", result.stdout, re.MULTILINE))
     assert list(steps) == STEPS, result.stdout
     assert steps["recipe"] == "llama3-8b: train.attention=auto"
-    assert re.search(r"^30 steps of builtin:tiny-llama, attention sdpa \(asked: auto\), [\d,]+ tokens/s",
+    assert re.search(r"^30 steps of builtin:tiny-llama, attention per_example via sdpa_per_example "
+                     r"\(asked: auto\), [\d,]+ tokens/s",
                      steps["train"])
     assert re.search(r"attention backend: .+; sampler: .+$", steps["serve"])
     assert re.search(r"^'What is the capital of .+\?' -> '.+' \((stop|length); ", steps["ask"]), steps["ask"]
