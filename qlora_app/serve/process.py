@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from qlora_app import console
@@ -37,6 +38,20 @@ NO_JIT_ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_ALLREDUCE_USE_FLASHINFER
 def child_environment(parent: dict[str, str] | None = None) -> dict[str, str]:
     """The environment vLLM starts with: the parent's (default: ours), with CHILD_ENV and NO_JIT_ENV on top."""
     return {**(os.environ if parent is None else parent), **CHILD_ENV, **NO_JIT_ENV}
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (docker stop, a pod's shutdown) raises KeyboardInterrupt like Ctrl-C, so the server's `with` block
+    stops it and its children on either."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def local_url(host: str, port: int) -> str:

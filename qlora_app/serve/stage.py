@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from qlora_app.serve.checks import (
     serve_weight_bytes,
 )
 from qlora_app.serve.command import Listen, vllm_command
-from qlora_app.serve.process import VllmServer, local_url
+from qlora_app.serve.process import VllmServer, local_url, sigterm_as_interrupt
 from qlora_app.serve.target import ServeTarget
 
 STARTUP_TIMEOUT_S = 30 * 60  # an 8B model downloaded on first use can take this long
@@ -87,16 +86,13 @@ def running(target: ServeTarget, host: str, port: int, runs_root: Path, allow_un
 
 def serve(target: ServeTarget, host: str, port: int, runs_root: Path, allow_unauthenticated: bool = False) -> None:
     """Serve until Ctrl-C or SIGTERM; a vLLM that dies on its own is an error."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with running(target, host, port, runs_root, allow_unauthenticated) as endpoint:
+        with sigterm_as_interrupt(), running(target, host, port, runs_root, allow_unauthenticated) as endpoint:
             print_ready(target, endpoint, host, port)
             code = endpoint.server.wait()
         raise UserError(f"vLLM stopped on its own with exit code {code} (log: {endpoint.server.log_path})")
     except KeyboardInterrupt:
         console.note("vLLM stopped")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def serve_command(run_dir: str | None, recipe_name: str | None, base: str | None, adapters: tuple[str, ...],
@@ -119,10 +115,6 @@ def serve_command(run_dir: str | None, recipe_name: str | None, base: str | None
         recipe = load_recipe(str(run.recipe_file), overrides)
         target = merged_target(run, recipe)
     serve(target, host or recipe.serve.host, port or recipe.serve.port, root, allow_unauthenticated)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def print_ready(target: ServeTarget, endpoint: Endpoint, host: str, port: int) -> None:
