@@ -21,7 +21,7 @@ RUN apt-get update \
 # so --no-deps: pip's hash mode otherwise rejects a dependency asked for with an extra (nvidia-cutlass-dsl[cu13])
 # as "not pinned"; `pip check` below proves nothing is missing.
 COPY requirements/gpu.lock /tmp/gpu.lock
-RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: --no-binary=rouge-score \
+RUN /opt/venv/bin/pip install --require-hashes --no-deps --only-binary=:all: --no-binary=rouge-score,sqlitedict,word2number \
     -r /tmp/gpu.lock
 # The project itself, its dependencies being exactly the lock's (setuptools is in the lock: no isolated build).
 COPY pyproject.toml README.md /src/

@@ -75,7 +75,7 @@ define require_key
 endef
 key_check = $(if $(LOCAL)$(LOOPBACK),,$(require_key))
 
-.PHONY: help venv test lint demo smoke image recipes plan train merge eval serve pipeline lock-cpu lock-gpu clean mutation docs
+.PHONY: help venv test lint demo smoke image recipes plan train merge eval runs serve pipeline lock-cpu lock-gpu clean mutation docs
 
 help: ## List the targets and variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -153,6 +153,10 @@ eval: $(APP_DEPS) ## Evaluate the latest run (of RECIPE, or RUN) base vs tuned o
 	$(call preflight,gpu)
 	$(call app,gpu) eval $(RUN_ARGS) $(SET_ARGS)
 
+runs: $(APP_DEPS) ## List the runs (of RECIPE): status, steps, held-out loss, merge and eval base vs tuned
+	$(call preflight)
+	$(call app) runs $(if $(RECIPE),--recipe $(RECIPE))
+
 pipeline: $(APP_DEPS) ## Train, merge, evaluate and serve RECIPE, skipping the stages already done
 	$(need_recipe)
 	$(key_check)
@@ -169,13 +173,13 @@ lock-cpu: ## Regenerate requirements/cpu.lock from requirements/cpu.in in a scra
 	  .lock-venv/bin/pip freeze --all --exclude-editable; } > requirements/cpu.lock
 	rm -rf .lock-venv
 
-# For the image: Ubuntu 24.04's Python 3.12 and glibc 2.39, wheels only but rouge-score (an sdist only), every file's hash (uv resolves for a
+# For the image: Ubuntu 24.04's Python 3.12 and glibc 2.39, wheels only but rouge-score, sqlitedict and word2number (sdists only), every file's hash (uv resolves for a
 # platform other than this machine's).
 lock-gpu: ## Regenerate requirements/gpu.lock (CUDA, Python 3.12, linux x86_64, hashes) from requirements/gpu.in
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q uv==$(UV_VERSION)
 	.lock-venv/bin/uv pip compile requirements/gpu.in -o requirements/gpu.lock --generate-hashes \
-	  --only-binary :all: --no-binary rouge-score --python-version 3.12 --python-platform x86_64-manylinux_2_39 \
+	  --only-binary :all: --no-binary rouge-score --no-binary sqlitedict --no-binary word2number --python-version 3.12 --python-platform x86_64-manylinux_2_39 \
 	  --custom-compile-command "make lock-gpu" --quiet
 	rm -rf .lock-venv
 

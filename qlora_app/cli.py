@@ -216,6 +216,17 @@ def serve_cmd(run_dir: str | None, recipe_name: str | None, base: str | None, ad
                   allow_unauthenticated)
 
 
+@main.command("runs")
+@click.option("--recipe", "recipe_name", default=None, help="Only the runs of this recipe.")
+@runs_dir_option
+def runs_cmd(recipe_name: str | None, runs_dir: str | None) -> None:
+    """List the runs, newest first: status, steps, held-out loss, merge and eval (base vs tuned)."""
+    from qlora_app.run.directory import runs_root
+    from qlora_app.run.listing import runs_command
+
+    runs_command(recipe_name, runs_root(runs_dir))
+
+
 @main.command("eval")
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--recipe", "recipe_name", default=None, help="Evaluate the latest run of this recipe.")
@@ -226,7 +237,9 @@ def eval_cmd(run_dir: str | None, recipe_name: str | None, overrides: tuple[str,
     """Base vs tuned on a run's held-out split (default: the latest run of any recipe, or of --recipe).
 
     One vLLM server serves the base and the run's adapter; greedy answers of at most eval.max_tokens are scored
-    (exact match, ROUGE-L, chrF, share finished, length) into RUN_DIR/eval.json and the merged model's card.
+    (exact match, ROUGE-L, chrF, share finished, length), and the lm-evaluation-harness tasks of eval.tasks run
+    on both through the same server (delta and its standard error per task); all into RUN_DIR/eval.json and
+    the merged model's card.
     """
     from qlora_app.eval.stage import eval_command
     from qlora_app.run.directory import runs_root

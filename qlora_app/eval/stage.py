@@ -7,13 +7,13 @@ everything it spawned.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 from pathlib import Path
 
 from qlora_app import console
 from qlora_app.data.sources import load_splits
+from qlora_app.eval.general import compare, completions_model, drops, load_tasks, print_general, run_tasks
 from qlora_app.eval.generate import answer_all, questions
 from qlora_app.eval.metrics import MODELS, score, sentence_chrf, table, worst_table
 from qlora_app.machine.atomic import write_json_atomic, write_text_atomic
@@ -21,6 +21,7 @@ from qlora_app.merge.stage import adapter_fingerprint
 from qlora_app.recipe.schema import Recipe
 from qlora_app.run.directory import RunDir, utc_timestamp
 from qlora_app.serve.auth import KEY_ENV
+from qlora_app.serve.process import sigterm_as_interrupt
 from qlora_app.serve.stage import running
 from qlora_app.serve.target import adapter_target
 
@@ -51,29 +52,40 @@ def is_current(run: RunDir, recipe: Recipe) -> bool:
 
 
 def evaluate(run: RunDir, recipe: Recipe, root: Path) -> dict:
-    """Answer the held-out questions with base and tuned, score them, write eval.json and the card; print."""
+    """Answer the held-out questions with base and tuned, run the general tasks on both, score, write eval.json
+    and the card; print."""
     spec = recipe.eval
     asked = questions(load_splits(recipe.data)[1].rows, spec.limit)
-    for task in spec.tasks:
-        console.note(f"eval: general task {task} skipped: lm-evaluation-harness is not part of this version")
+    task_dict, skipped = load_tasks(spec.tasks) if spec.tasks else ({}, [])  # before the server: data, typos
+    for line in skipped:
+        console.note(line)
     target = adapter_target(recipe, {tuned_name(recipe): run})
     models = dict(zip(MODELS, (recipe.name, tuned_name(recipe))))
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        started = time.time()
-        with running(target, "127.0.0.1", free_port(), root, echo=False) as endpoint:
-            answers = ask_both(endpoint.url, list(models.values()), asked, recipe)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    started = time.time()
+    with sigterm_as_interrupt(), running(target, "127.0.0.1", free_port(), root, echo=False) as endpoint:
+        answers = ask_both(endpoint.url, list(models.values()), asked, recipe)
+        general = general_skills(endpoint.url, models, task_dict, str(target.tokenizer), recipe)
     answers = {label: answers[model] for label, model in models.items()}
     report = {**fingerprint(run, recipe), "created": utc_timestamp(), "examples": len(asked),
               "seconds": round(time.time() - started, 1), "models": models,
               "scores": {label: score(answers[label], [q.reference for q in asked]).as_dict() for label in MODELS},
-              "items": items(asked, answers)}
+              "general": {**general, "skipped": skipped}, "items": items(asked, answers)}
     write_json_atomic(run.eval_report, report)
     refresh_card(run)
     print_report(report)
     return report
+
+
+def general_skills(url: str, models: dict[str, str], task_dict: dict, tokenizer: str, recipe: Recipe) -> dict:
+    """lm-eval's tasks on base, then tuned (never in one batch: see answer_all), compared per task."""
+    if not task_dict:
+        return {"tasks": {}, "warnings": []}
+    spec = recipe.eval
+    samples = {label: run_tasks(completions_model(url, model, tokenizer, os.environ.get(KEY_ENV),
+                                                  recipe.max_model_len), task_dict, spec.task_limit)
+               for label, model in models.items()}
+    tasks = {task: compare(samples["base"][task], samples["tuned"][task]).as_dict() for task in samples["base"]}
+    return {"tasks": tasks, "warnings": drops(tasks, spec.drop_warning)}
 
 
 def answer_budget(recipe: Recipe) -> int:
@@ -118,10 +130,7 @@ def refresh_card(run: RunDir) -> None:
 def print_report(report: dict) -> None:
     console.out.print(table(report["scores"], f"eval: base vs tuned on {report['examples']} held-out examples"))
     console.out.print(worst_table(report["items"]))
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    print_general(report.get("general", {}))
 
 
 def eval_command(run_dir: str | None, recipe_name: str | None, overrides: tuple[str, ...], root: Path) -> None:

@@ -174,7 +174,21 @@ def evaluation_section(run: RunDir) -> str:
             for label, key, fmt in EVAL_ROWS]
     return (f"## Evaluation\n\nBase vs tuned on {report.get('examples')} held-out examples (greedy, at most "
             f"{report.get('settings', {}).get('max_tokens')} tokens; `eval.json`):\n\n"
-            "| metric | base | tuned |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| metric | base | tuned |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+            + general_skills_section(report.get("general", {})))
+
+
+def general_skills_section(general: dict) -> str:
+    """lm-evaluation-harness tasks, base vs tuned, and a line for each task whose score dropped."""
+    tasks = general.get("tasks", {})
+    if not tasks:
+        return ""
+    rows = [f"| {task} | {c['metric']} | {c['examples']} | {c['base']:.3f} | {c['tuned']:.3f} | "
+            f"{c['delta']:+.3f} ± {c['stderr']:.3f} |" for task, c in tasks.items()]
+    warnings = "".join(f"\n**Warning:** general skill dropped: {line}\n" for line in general.get("warnings", []))
+    return ("\nGeneral skills (lm-evaluation-harness through the same server; delta ± its standard error, paired "
+            "over the same examples):\n\n| task | metric | examples | base | tuned | delta |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n" + warnings)
 
 
 def versions(manifest: dict) -> str:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from qlora_app.errors import UserError
 from qlora_app.recipe.schema import Recipe
 
-PATH_KEYS = (("model", "path"), ("data", "source"), ("data", "eval_split"))
+PATH_KEYS = (("model", "path"), ("data", "source"), ("data", "eval_split"), ("eval", "tasks"))
 
 
 def recipes_dir() -> Path:
@@ -79,8 +79,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if not sep or not all(parts):
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=1e-4")
         value = _parse_value(text)
-        if tuple(parts) in PATH_KEYS and isinstance(value, str) and value.startswith("."):
-            value = str(Path(value).resolve())
+        if tuple(parts) in PATH_KEYS:
+            value = _relative_to(value, Path.cwd())
         node = result
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -142,8 +142,17 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     """`./x` and `../x` inside a recipe file are relative to the file, not to the working directory."""
     for section, key in PATH_KEYS:
         node = raw.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key].startswith("."):
-            node[key] = str((base / node[key]).resolve())
+        if isinstance(node, dict) and key in node:
+            node[key] = _relative_to(node[key], base)
+
+
+def _relative_to(value: Any, base: Path) -> Any:
+    """A path (or each path of a list) starting with '.', resolved against base; anything else as it is."""
+    if isinstance(value, list):
+        return [_relative_to(item, base) for item in value]
+    if isinstance(value, str) and value.startswith("."):
+        return str((base / value).resolve())
+    return value
 
 
 

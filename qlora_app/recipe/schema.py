@@ -220,10 +220,15 @@ class EvalSpec(Section):
     max_tokens: int = Field(256, ge=1, description="Longest answer generated (greedy); a longer one is cut.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
     tasks: tuple[str, ...] = Field(
-        (), description="General-skill tasks (lm-evaluation-harness names) run on base and tuned.")
-    limit: int | None = Field(None, ge=1, description="Held-out examples (and examples a task) at most.")
+        ("arc_easy", "hellaswag"),
+        description="General-skill tasks run on base and tuned: lm-evaluation-harness names, or local task YAML "
+                    "files (./path, relative to the recipe); [] runs none. One whose data cannot be had is skipped.")
+    limit: int | None = Field(None, ge=1, description="Held-out examples asked at most (null: all).")
+    task_limit: int | None = Field(
+        200, ge=1, description="Examples of each general task at most (null: all): a 24 GB GPU's eval then stays "
+                               "a small share of training.")
     drop_warning: float = Field(
-        0.02, ge=0, le=1, description="Warn when a general task's accuracy drops by more than this.")
+        0.02, ge=0, le=1, description="Warn when a general task's score drops by more than this (absolute).")
 
     def settings(self) -> dict:
         """What decides eval.json: two specs equal here give the same evaluation."""

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"qlora-app:{VERSION}"
 SECRETS = {"HF_TOKEN": "hf_secretvalue", "QLORA_API_KEY": "sk-secret"}
-APP_TARGETS = ["recipes", "plan", "train", "merge", "eval", "serve", "pipeline", "smoke"]
+APP_TARGETS = ["recipes", "plan", "train", "merge", "eval", "runs", "serve", "pipeline", "smoke"]
 GPU_TARGETS = ["train", "merge", "eval", "serve", "pipeline", "smoke"]
 ALL_TARGETS = ["help", "image", "demo", "test", "lint", "docs", "clean", "venv", "lock-cpu", "lock-gpu", "mutation",
                *APP_TARGETS]

@@ -7,18 +7,25 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 from qlora_app.run.directory import RunDir
+
+API_KEY = "sk-eval-TESTKEYdoNotLeak"
+LOCAL_TASK = REPO / "data" / "tiny" / "capitals-choice.yaml"  # lm-eval's multiple choice over a local JSONL
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained_run, tmp_path_factory):
-    """A copy of the session's run (eval writes into it), evaluated once with the real CLI: one server."""
+    """A copy of the session's run (eval writes into it), evaluated once with the real CLI: one server, behind
+    an API key, offline with an empty datasets cache (lm-eval's own tasks cannot have their data)."""
     root = tmp_path_factory.mktemp("eval-runs")
     run = RunDir(root / "tiny" / trained_run.path.name)
     shutil.copytree(trained_run.path, run.path, ignore=shutil.ignore_patterns("merged", "tensorboard", "checkpoints"))
-    result = run_cli("eval", str(run.path), "--runs-dir", str(root))
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path_factory.mktemp("datasets-cache")),
+               "QLORA_API_KEY": API_KEY}
+    result = run_cli("eval", str(run.path), "--runs-dir", str(root),
+                     "--set", f"eval.tasks=[{LOCAL_TASK}, arc_easy, hellaswag]", env=offline)
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -42,16 +49,44 @@ def test_eval_json_holds_every_answer_and_is_current_for_this_adapter_and_settin
     assert report["examples"] == len(report["items"]) == 12
     assert report["models"] == {"base": "tiny", "tuned": "tiny-tuned"}
     assert report["adapter_sha256"] == adapter_fingerprint(run)
-    assert is_current(run, run.recipe())
     from qlora_app.recipe.loader import load_recipe
 
-    assert not is_current(run, load_recipe(str(run.recipe_file), ["eval.limit=5"]))
+    as_run = [f"eval.tasks=[{LOCAL_TASK}, arc_easy, hellaswag]"]
+    assert is_current(run, load_recipe(str(run.recipe_file), as_run))
+    assert not is_current(run, load_recipe(str(run.recipe_file), [*as_run, "eval.limit=5"]))
+    assert not is_current(run, run.recipe())  # other general tasks
 
 
 def test_the_table_and_the_worst_examples_are_printed(evaluated):
     stdout = evaluated[1].stdout
     assert "eval: base vs tuned on 12 held-out examples" in stdout and "exact match" in stdout
     assert "worst tuned answers" in stdout
+
+
+def test_the_local_lm_eval_task_runs_on_base_and_tuned_through_the_server(evaluated):
+    general = json.loads(evaluated[0].eval_report.read_text())["general"]
+    task = general["tasks"]["tiny_capitals_choice"]
+    assert task["metric"] == "acc" and task["examples"] == 40
+    assert task["base"] <= 0.5 and task["tuned"] >= 0.8, task  # four choices: chance is 0.25
+    assert task["delta"] == pytest.approx(task["tuned"] - task["base"]) and 0 < task["stderr"] < 0.2
+    assert "general skills (lm-evaluation-harness)" in evaluated[1].stdout
+    assert "tiny_capitals_choice" in evaluated[1].stdout
+
+
+def test_tasks_without_cached_data_offline_are_skipped_in_one_line_each(evaluated):
+    result = evaluated[1]
+    lines = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert [line.split(" skipped")[0] for line in lines] == ["eval: general task arc_easy",
+                                                             "eval: general task hellaswag"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert json.loads(evaluated[0].eval_report.read_text())["general"]["skipped"] == lines
+
+
+def test_the_api_key_lands_in_no_output(evaluated):
+    run, result = evaluated
+    logs = "".join(p.read_text(errors="replace") for p in (run.path.parent.parent / "logs").glob("*.log"))
+    for text in (result.stdout, result.stderr, run.eval_report.read_text(), logs):
+        assert API_KEY not in text
 
 
 def test_the_model_card_holds_the_evaluation_table(evaluated):
@@ -62,6 +97,7 @@ def test_the_model_card_holds_the_evaluation_table(evaluated):
     tuned = json.loads(run.eval_report.read_text())["scores"]["tuned"]
     assert "## Evaluation" in card and "| metric | base | tuned |" in card
     assert "| chrF | " in card and f"{tuned['chrf']:.1f} |" in card
+    assert "| tiny_capitals_choice | acc | 40 |" in card
 
 
 @pytest.mark.last
