@@ -122,15 +122,35 @@ def run_tasks(lm, task_dict: dict, limit: int | None) -> dict[str, dict[int, dic
     return {task: {s["doc_id"]: s for s in samples} for task, samples in results["samples"].items()}
 
 
+def score_metric(sample: dict) -> str | None:
+    """The task's per-example score: acc_norm, acc or exact_match where it has one, else its first numeric
+    metric; None for a task with no per-example number (perplexity tasks score the corpus as a whole)."""
+    names = sample.get("metrics") or [m for m in METRICS if m in sample]
+    numeric = [m for m in names if isinstance(sample.get(m), (int, float))]
+    return next((m for m in METRICS if m in numeric), numeric[0] if numeric else None)
+
+
 def compare(base: dict[int, dict], tuned: dict[int, dict]) -> Comparison:
-    """Accuracy of each and the delta with its standard error, paired over the examples both answered."""
+    """The score of each and the delta with its standard error, paired over the examples both answered."""
     ids = sorted(base.keys() & tuned.keys())
-    metric = next(m for m in METRICS if m in base[ids[0]])
+    metric = score_metric(base[ids[0]])
     b = [float(base[i][metric]) for i in ids]
     t = [float(tuned[i][metric]) for i in ids]
     deltas = [y - x for x, y in zip(b, t)]
     stderr = statistics.stdev(deltas) / math.sqrt(len(ids)) if len(ids) > 1 else float("nan")
     return Comparison(metric, len(ids), statistics.fmean(b), statistics.fmean(t), statistics.fmean(deltas), stderr)
+
+
+def comparisons(base: dict[str, dict], tuned: dict[str, dict]) -> tuple[dict[str, dict], list[str]]:
+    """Every task both models answered with a per-example score, compared; a line for each that cannot be."""
+    compared, skipped = {}, []
+    for task in base:
+        if not (base[task].keys() & tuned.get(task, {}).keys()) or score_metric(next(iter(base[task].values()))) \
+                is None:
+            skipped.append(f"eval: general task {task} skipped: it gives no per-example score to compare")
+        else:
+            compared[task] = compare(base[task], tuned[task]).as_dict()
+    return compared, skipped
 
 
 def drops(comparisons: dict[str, dict], threshold: float) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_app import console
 from qlora_app.data.sources import load_splits
-from qlora_app.eval.general import compare, completions_model, drops, load_tasks, print_general, run_tasks
+from qlora_app.eval.general import comparisons, completions_model, drops, load_tasks, print_general, run_tasks
 from qlora_app.eval.generate import answer_all, questions
 from qlora_app.eval.metrics import MODELS, score, sentence_chrf, table, worst_table
 from qlora_app.machine.atomic import write_json_atomic, write_text_atomic
@@ -69,7 +69,7 @@ def evaluate(run: RunDir, recipe: Recipe, root: Path) -> dict:
     report = {**fingerprint(run, recipe), "created": utc_timestamp(), "examples": len(asked),
               "seconds": round(time.time() - started, 1), "models": models,
               "scores": {label: score(answers[label], [q.reference for q in asked]).as_dict() for label in MODELS},
-              "general": {**general, "skipped": skipped}, "items": items(asked, answers)}
+              "general": {**general, "skipped": skipped + general["skipped"]}, "items": items(asked, answers)}
     write_json_atomic(run.eval_report, report)
     refresh_card(run)
     print_report(report)
@@ -79,13 +79,15 @@ def evaluate(run: RunDir, recipe: Recipe, root: Path) -> dict:
 def general_skills(url: str, models: dict[str, str], task_dict: dict, tokenizer: str, recipe: Recipe) -> dict:
     """lm-eval's tasks on base, then tuned (never in one batch: see answer_all), compared per task."""
     if not task_dict:
-        return {"tasks": {}, "warnings": []}
+        return {"tasks": {}, "warnings": [], "skipped": []}
     spec = recipe.eval
     samples = {label: run_tasks(completions_model(url, model, tokenizer, os.environ.get(KEY_ENV),
                                                   recipe.max_model_len), task_dict, spec.task_limit)
                for label, model in models.items()}
-    tasks = {task: compare(samples["base"][task], samples["tuned"][task]).as_dict() for task in samples["base"]}
-    return {"tasks": tasks, "warnings": drops(tasks, spec.drop_warning)}
+    tasks, skipped = comparisons(samples["base"], samples["tuned"])
+    for line in skipped:
+        console.note(line)
+    return {"tasks": tasks, "warnings": drops(tasks, spec.drop_warning), "skipped": skipped}
 
 
 def answer_budget(recipe: Recipe) -> int:

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 from qlora_app.errors import UserError
-from qlora_app.eval.general import compare, drops, local_config
+from qlora_app.eval.general import compare, comparisons, drops, local_config, score_metric
 
 
 def test_a_local_task_reads_its_data_files_relative_to_itself(tmp_path):
@@ -53,6 +53,24 @@ def test_the_same_answers_give_no_delta_and_no_error_and_acc_norm_is_preferred()
     both = {i: {"doc_id": i, "acc": 1.0, "acc_norm": float(i % 2)} for i in range(4)}
     result = compare(both, both)
     assert (result.metric, result.base, result.delta, result.stderr) == ("acc_norm", 0.5, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(("sample", "expected"), [
+    ({"metrics": ["acc", "acc_norm"], "acc": 1.0, "acc_norm": 0.0}, "acc_norm"),
+    ({"metrics": ["exact_match"], "exact_match": 1}, "exact_match"),
+    ({"metrics": ["f1", "em"], "f1": 0.5, "em": 0.0}, "f1"),  # a task of its own: its first numeric score
+    ({"metrics": ["word_perplexity"], "word_perplexity": (1.2, 3)}, None),  # scored over the corpus only
+])
+def test_the_per_example_score_of_a_task(sample, expected):
+    assert score_metric(sample) == expected
+
+
+def test_a_task_without_a_per_example_score_is_skipped_in_one_line_and_the_rest_compared():
+    rolling = {0: {"doc_id": 0, "metrics": ["word_perplexity"], "word_perplexity": (1.2, 3)}}
+    compared, skipped = comparisons({"wikitext": rolling, "mine": samples([0, 1])},
+                                    {"wikitext": rolling, "mine": samples([1, 1])})
+    assert list(compared) == ["mine"] and compared["mine"]["delta"] == 0.5
+    assert skipped == ["eval: general task wikitext skipped: it gives no per-example score to compare"]
 
 
 def test_a_drop_beyond_the_threshold_is_a_warning_and_one_within_it_is_not():
