@@ -217,3 +217,81 @@ def test_plan_with_gpus_prints_the_per_gpu_peak_and_the_cards_needed():
     assert "per GPU of 4 (FSDP)" in result.stdout and "FSDP: a layer gathered" in result.stdout
     assert "fits in 24 GiB" in result.stdout
     assert "FSDP: needs 3 GPUs of 24 GiB; with train.grad_accum=16: train --gpus 4" in result.stdout
+
+
+# A small Llama layer: hidden 64, MLP 176, 3 layers, 4 query heads and 2 key/value heads of 16, vocabulary 1000.
+# Per layer q, o: 64x64 = 4096 weights; k, v: 64x32 = 2048; gate, up, down: 64x176 = 11264.
+SMALL = dict(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=1000, max_positions=512)
+CONTEXT, TRAINER = int(0.75 * GiB), int(0.95 * GiB)
+
+
+@pytest.mark.parametrize(("numel", "double_quant"), [(4096, True), (7000, False), (42957, True), (42957, False),
+                                                      (4_194_304, True)])
+def test_nf4_bytes_are_exactly_what_bitsandbytes_holds_for_one_weight(numel, double_quant):
+    """Packed codes, absmax per block of 64 (or 8-bit, with fp32 absmax per 256 blocks), tables and offset:
+    odd sizes, partial blocks and several nested blocks."""
+    import bitsandbytes.functional as bnb
+
+    packed, state = bnb.quantize_4bit(torch.ones(numel, dtype=torch.bfloat16), quant_type="nf4",
+                                      compress_statistics=double_quant)
+    tensors = [packed, state.absmax, state.code]
+    if double_quant:
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    assert planner.nf4_bytes(numel, double_quant) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize(("case", "overrides", "arch", "kwargs", "expected"), [
+    # tiny recipe: r=16 on all 7 projections, dropout 0, NF4 with double quantization, lm_head kept, adamw_torch,
+    # 4 x 128 tokens, checkpointing
+    ("qlora", [], dict(tied_embeddings=False), {}, dict(
+        base_quantized=3 * (2 * 3208 + 2 * 2152 + 3 * 6904),  # nf4_bytes of 4096, 2048, 11264 weights
+        base_16bit=2 * 64_000 * 2 + 448 * 4,  # embeddings and head in bf16; (2 x 3 + 1) x 64 norm weights in fp32
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=8 * 56_064,
+        # per token: each layer's input (3 x 64 x 2) + one layer's norms 2 x (4 + 2) x 64, q/k/v etc.
+        # 2 x (64 + 64) + 2 x (64 + 32) + 2 x 64, MLP 8 x 176 and LoRA 7 x 4 x 16
+        activations=512 * (384 + 768 + 576 + 1408 + 448), logits=int(512 * 1000 * 2.5),
+        overhead=CONTEXT + 2 * 11264 * 2 + int(0.12 * (512 * 3584 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=3 * 16 * (2 * 128 + 2 * 96 + 3 * 240), gathered=0)),
+    # no double quantization, the head quantized too, dropout (3 bytes per adapter input), 8-bit optimizer,
+    # 2 x 64 tokens, no checkpointing
+    ("no-dq-head-dropout", ["lora.dropout=0.1", "quantization.double_quant=false", "quantization.skip_modules=[]",
+                            "train.optimizer=paged_adamw_8bit"], dict(tied_embeddings=False),
+     dict(batch_size=2, seq_len=64, gradient_checkpointing=False), dict(
+        base_quantized=3 * (2 * 2368 + 2 * 1216 + 3 * 6400) + 36_064, base_16bit=64_000 * 2 + 448 * 4,
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=2 * 56_064,
+        # every layer's full set (LoRA: 3 x 64 + 64 on six adapters, 3 x 176 + 64 on down_proj) + the input
+        activations=128 * (3 * (768 + 576 + 1408 + 6 * 256 + 592) + 128), logits=int(128 * 1000 * 2.5),
+        overhead=CONTEXT + 2 * 11264 * 2 + int(0.12 * (1_890_304 + 320_000)), trainer_overhead=TRAINER,
+        batch_size=2, ranks=1, seq_len=64, trainable_params=56_064, gathered=0)),
+    # plain LoRA in fp32 on Qwen3 (norms on queries and keys), tied embeddings, all-linear at r=8
+    ("lora-qwen3-tied", ["quantization.enabled=false", "model.dtype=float32", "lora.target_modules=all-linear",
+                         "lora.r=8"], dict(tied_embeddings=True, model_type="qwen3"), {}, dict(
+        base_quantized=0, base_16bit=3 * 46_080 * 4 + 64_000 * 4 + (7 * 64 + 3 * 32) * 4,
+        lora_weights=4 * 28_032, lora_gradients=4 * 28_032, optimizer_state=8 * 28_032,
+        activations=512 * (384 + 768 + 6 * 96 + 576 + 1408 + 7 * 32), logits=1_280_000,
+        overhead=CONTEXT + int(0.12 * (2_015_232 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=3 * 8 * (2 * 128 + 2 * 96 + 3 * 240), gathered=0)),
+    # FSDP over 4 ranks: 4-bit layers, adapters and optimizer sharded; two layers' worth gathered
+    ("fsdp-4", ["train.distributed=fsdp"], dict(tied_embeddings=False), dict(ranks=4), dict(
+        base_quantized=94_296 // 4, base_16bit=257_792, lora_weights=56_064, lora_gradients=56_064,
+        optimizer_state=112_128, activations=1_835_008, logits=1_280_000,
+        overhead=CONTEXT + 45_056 + int(0.12 * (1_835_008 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=4, seq_len=128, trainable_params=56_064, gathered=2 * (94_296 + 4 * 56_064) // 3)),
+])
+def test_every_term_of_the_plan_is_counted_exactly(case, overrides, arch, kwargs, expected):
+    plan = planner.plan(load_recipe("tiny", overrides), Architecture(**SMALL, **arch), **kwargs)
+    assert plan == planner.MemoryPlan(**expected)
+    assert plan.total == sum(value for _, value in plan.rows()) == plan.step_total + TRAINER
+    assert plan.base_weights == expected["base_quantized"] + expected["base_16bit"]
+
+
+def test_the_plan_table_names_every_term_and_fsdps_only_with_fsdp():
+    arch = Architecture(**SMALL, tied_embeddings=False)
+    labels = ["base weights, 4-bit (incl. quantization constants)",
+              "base weights, 16-bit (embeddings, head, norms, skipped)", "LoRA weights (fp32)",
+              "LoRA gradients (fp32)", "optimizer state", "FSDP: a layer gathered, and the next prefetched",
+              "activations", "output head and loss (tiled)", "CUDA context, workspace, fragmentation",
+              "Trainer (evaluation, bookkeeping)"]
+    fsdp = planner.plan(load_recipe("tiny", ["train.distributed=fsdp"]), arch, ranks=4)
+    assert [label for label, _ in fsdp.rows()] == labels
+    assert [label for label, _ in planner.plan(load_recipe("tiny"), arch).rows()] == labels[:5] + labels[6:]
