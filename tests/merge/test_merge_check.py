@@ -4,6 +4,7 @@ A merge that agrees with base + adapter is published; one that diverges is refus
 published. Both directions are held here so the fast loop sees a broken scaling or a blunted check.
 """
 
+import json
 import shutil
 
 import pytest
@@ -51,3 +52,203 @@ def test_a_divergent_merge_is_refused_and_nothing_is_published(untrained_run, mo
         stage.merge(untrained_run)
     assert not untrained_run.merged.exists()
     assert not list(untrained_run.path.glob(".merged*"))
+
+
+def message(call, *args) -> str:
+    with pytest.raises(UserError) as refused:
+        call(*args)
+    return str(refused.value)
+
+
+def peft_merged(run: RunDir, base_dir, dequantized: bool = False) -> dict:
+    """peft's merge_and_unload of the run's adapter on the bf16 base (rounded through NF4 first if asked)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora_app.merge.verify import dequantize
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    if dequantized:
+        dequantize(base, run.recipe(), base_dir)
+    return PeftModel.from_pretrained(base, run.adapter).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("base_weights", ["original", "dequantized"])
+def test_the_streamed_merge_is_bitwise_peft_merge_and_unload(untrained_run, tiny_model_dir, base_weights):
+    import torch
+    from safetensors.torch import load_file
+
+    spec = untrained_run.recipe().merge.model_copy(update={"base_weights": base_weights})
+    merged = stage.merge(untrained_run, spec, verify=False)
+    ours, reference = load_file(merged / "model.safetensors"), peft_merged(untrained_run, tiny_model_dir,
+                                                                          base_weights == "dequantized")
+    assert set(ours) == set(reference)
+    for key, tensor in ours.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, reference[key]), key
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["base_weights"] == base_weights and report["verified"] is False and "verification" not in report
+    assert (report["base_weights_reason"], report["shards"], report["merged_weights"]) == (
+        f"merge.base_weights={base_weights}", 1, 14)
+    assert report["nf4_rounded_weights"] == (14 if base_weights == "dequantized" else 0)
+
+
+def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run):
+    merged = stage.merge(untrained_run)
+    report = json.loads((merged / "merge_report.json").read_text())
+    recipe = untrained_run.recipe()
+    assert report["adapter_sha256"] == stage.adapter_fingerprint(untrained_run)
+    assert report["settings"] == recipe.merge.model_dump() and report["verified"] is True
+    assert report["base_weights"] in ("original", "dequantized") and report["merged_weights"] == 14
+    assert 0 <= report["merge_seconds"] < 600 and report["peak_rss_bytes"] > 2**20
+    check = report["verification"]
+    assert sorted(check) == ["examples", "loss_adapter_on_4bit", "loss_adapter_on_dequantized",
+                             "loss_adapter_on_original", "loss_merged", "max_logit_diff", "relative_logit_diff"]
+    assert check["examples"] == 12 and check["relative_logit_diff"] < 0.05 and check["loss_merged"] > 0
+    config = json.loads((merged / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == recipe.merge.dtype
+    assert stage.is_current(untrained_run, recipe.merge, verified=True)
+    assert "merged" in (merged / "README.md").read_text()
+
+
+def test_a_merged_model_is_current_only_for_its_adapter_settings_and_check(untrained_run):
+    assert not stage.is_current(untrained_run)
+    stage.merge(untrained_run, verify=False)
+    spec = untrained_run.recipe().merge
+    assert stage.is_current(untrained_run) and stage.is_current(untrained_run, spec)
+    assert not stage.is_current(untrained_run, spec, verified=True)  # merged with --no-verify
+    assert not stage.is_current(untrained_run, spec.model_copy(update={"dtype": "float32"}))
+    with open(untrained_run.adapter / "adapter_model.safetensors", "ab") as f:
+        f.write(b" ")  # the adapter changed since
+    assert not stage.is_current(untrained_run)
+    (untrained_run.adapter / "adapter_model.safetensors").unlink()
+    assert not stage.is_current(untrained_run)
+
+
+def test_merged_generation_stops_at_end_of_turn_and_pads_with_the_training_pad(untrained_run):
+    from transformers import AutoTokenizer
+
+    merged = stage.merge(untrained_run, verify=False)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    generation = json.loads((merged / "generation_config.json").read_text())
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert stage.end_of_turn_id(tokenizer) == eot
+    assert eot in generation["eos_token_id"] and tokenizer.eos_token_id in generation["eos_token_id"]
+    assert generation["pad_token_id"] == tokenizer.pad_token_id == json.loads(
+        (merged / "config.json").read_text())["pad_token_id"]
+    assert sorted(p.name for p in merged.iterdir() if p.name.startswith("adapter")) == []
+
+
+def test_a_tokenizer_that_pads_with_end_of_sequence_is_refused(untrained_run, tiny_model_dir):
+    folder = untrained_run.path / "folder"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|eot_id|>"}))
+    pad = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    pad_id = next(t["id"] for t in pad if t["content"] == "<|eot_id|>")
+    assert message(stage.keep_stop_and_pad, folder) == (
+        f"the training tokenizer pads with an end-of-sequence token ({pad_id}): train the run again with this "
+        "version of qlora-app")
+    (folder / "chat_template.jinja").unlink()
+    from transformers import AutoTokenizer
+
+    assert stage.end_of_turn_id(AutoTokenizer.from_pretrained(folder)) is None
+
+
+def test_merge_refuses_a_run_it_cannot_merge(untrained_run):
+    run = untrained_run
+    plain = run.recipe().with_section("quantization", enabled=False)
+    assert message(stage.check_run, run, plain.with_section("merge", base_weights="dequantized")) == (
+        f"{run.path} trained plain LoRA on 16-bit weights: merging into NF4-rounded (dequantized) weights would "
+        "change the base it learned on; use original or auto")
+    (run.adapter / "tokenizer_config.json").unlink()
+    assert message(stage.check_run, run, run.recipe()) == (
+        f"{run.adapter} has no tokenizer: the run is incomplete; train it again")
+    (run.adapter / "generation_config.json").unlink()
+    (run.adapter / "adapter_config.json").unlink()
+    assert message(stage.check_run, run, run.recipe()) == (
+        f"{run.path} has no complete adapter (missing adapter_config.json, generation_config.json): train it "
+        f"first with: qlora-app train {run.path.parent.name}")
+
+
+def test_merge_takes_only_merge_settings(untrained_run):
+    assert message(stage.merge_settings, untrained_run, ("merge.dtype=float32", "train.lr=0.1"), None) == (
+        "merge takes only merge.* settings (got 'train.lr=0.1'): the rest of the recipe is the run's own")
+    spec = stage.merge_settings(untrained_run, ("merge.dtype=float32",), "original")
+    assert (spec.dtype, spec.base_weights) == ("float32", "original")
+    assert stage.merge_settings(untrained_run, (), None) == untrained_run.recipe().merge
+
+
+def test_base_weights_auto_is_resolved_and_explained():
+    from qlora_app.merge.verify import AdapterLosses
+
+    qlora = load_recipe("tiny")
+    assert stage.choose_base_weights(qlora.with_section("merge", base_weights="original"), None) == (
+        "original", "merge.base_weights=original")
+    assert stage.choose_base_weights(qlora.with_section("quantization", enabled=False), None) == (
+        "original", "the adapter was trained on the original 16-bit weights")
+    assert stage.choose_base_weights(qlora, None) == (
+        "dequantized", "the weights the adapter was trained on (no held-out check: --no-verify)")
+    assert stage.choose_base_weights(qlora, AdapterLosses(3, 1.0, 1.5, 1.2)) == (
+        "dequantized", "its held-out loss with the adapter (1.2000) is closest to the adapter on the 4-bit base it "
+        "was trained on (1.0000)")
+    assert stage.choose_base_weights(qlora, AdapterLosses(3, 1.0, 0.9, 1.2))[0] == "original"
+
+
+def test_an_adapter_that_is_not_lora_or_does_not_fit_is_refused(untrained_run, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = untrained_run.adapter / "adapter_model.safetensors"
+    tensors = load_file(file)
+    deltas = stage.load_deltas(untrained_run.adapter)
+    assert len(deltas) == 14 and "model.layers.0.self_attn.q_proj.weight" in deltas
+    delta = deltas["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(delta.lora_a, tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(delta.lora_b, tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+    shards = stage.shard_files(tiny_model_dir)
+    stage.check_fit(deltas, tiny_model_dir, shards)
+    wide = {**deltas, "model.layers.0.mlp.up_proj.weight": stage.Delta(delta.lora_a, torch.zeros(7, 16))}
+    assert message(stage.check_fit, wide, tiny_model_dir, shards) == (
+        "the adapter does not fit the base model: 'model.layers.0.mlp.up_proj.weight' is (384, 128) in the base, "
+        "the adapter expects (7, 128)")
+    extra = {**deltas, "model.layers.9.mlp.up_proj.weight": delta}
+    assert message(stage.check_fit, extra, tiny_model_dir, shards) == (
+        "the adapter does not fit the base model: it adapts 'model.layers.9.mlp.up_proj.weight', which the base lacks")
+    save_file({**tensors, "base_model.model.lm_head.weight": torch.zeros(2, 2)}, file)
+    assert message(stage.load_deltas, untrained_run.adapter) == (
+        f"{untrained_run.adapter}: the adapter holds 'base_model.model.lm_head.weight', which a LoRA merge cannot "
+        "fold in (modules_to_save or another tuner)")
+
+
+def test_the_shards_are_the_index_or_the_single_file(tmp_path, tiny_model_dir):
+    assert stage.shard_files(tiny_model_dir) == ["model.safetensors"]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors"}}))
+    assert stage.shard_files(tmp_path) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert message(stage.shard_files, tmp_path) == (
+        f"{tmp_path} has no safetensors weights (model.safetensors or an index); only safetensors checkpoints are "
+        "merged")
+    recipe = load_recipe("tiny")
+    assert stage.base_checkpoint(recipe) == tiny_model_dir
+    assert stage.base_checkpoint(recipe.with_section("model", path=str(tmp_path))) == tmp_path
+
+
+@pytest.mark.parametrize(("share", "refused"), [(1 / 1.1, False), (1 / 1.02, True)])
+def test_merge_needs_the_base_size_and_5_percent_free(tmp_path, share, refused):
+    """A sparse file as large as a share of the free space: it takes none of it."""
+    free = shutil.disk_usage(tmp_path).free
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(int(free * share))
+    if not refused:
+        stage.check_disk(tmp_path, ["model.safetensors"], tmp_path)
+        return
+    needed = int(int(free * share) * 1.05)
+    with pytest.raises(UserError, match=rf"^merging needs about {needed / 1e9:.1f} GB free in {tmp_path}, only "
+                                        r"[\d.]+ GB is available$"):
+        stage.check_disk(tmp_path, ["model.safetensors"], tmp_path)
