@@ -252,3 +252,47 @@ def test_merge_needs_the_base_size_and_5_percent_free(tmp_path, share, refused):
     with pytest.raises(UserError, match=rf"^merging needs about {needed / 1e9:.1f} GB free in {tmp_path}, only "
                                         r"[\d.]+ GB is available$"):
         stage.check_disk(tmp_path, ["model.safetensors"], tmp_path)
+
+
+def test_the_check_is_summed_up_in_one_table(capsys):
+    from qlora_app.merge.verify import AdapterLosses, MergedCheck
+
+    stage.print_verification(AdapterLosses(12, 1.2345, 1.3, None), MergedCheck("dequantized", 0.01234, 0.001, 1.25),
+                             "the reason")
+    lines = capsys.readouterr().out.splitlines()
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
+    assert (lines[0].strip(), lines[-1].strip()) == ("merge check on 12 held-out examples", "dequantized: the reason")
+    assert cells == [["held-out loss: adapter on the 4-bit base (as trained)", "1.2345"],
+                     ["held-out loss: adapter on the original 16-bit base", "1.3000"],
+                     ["held-out loss: adapter on dequantized NF4 weights", "n/a"],
+                     ["merged into", "dequantized base weights"],
+                     ["held-out loss: merged model", "1.2500"],
+                     ["largest logit difference, merged vs base + adapter", "0.0123"]]
+
+
+@pytest.mark.parametrize(("relative", "loss_merged", "outcome"), [
+    (0.05, 1.01, "accepted"),  # at the tolerances: accepted without a word
+    (0.0501, 1.0, "refused"),
+    (0.01, 1.0101, "warned"),
+])
+def test_the_check_refuses_past_the_logit_tolerance_and_warns_past_the_loss_increase(
+        tmp_path, monkeypatch, capsys, relative, loss_merged, outcome):
+    from qlora_app.merge.verify import AdapterLosses, MergedCheck
+    from qlora_app.run.directory import RunDir
+
+    check = MergedCheck("original", relative * 20, relative, loss_merged)
+    monkeypatch.setattr(stage, "compare_merged", lambda *args: check)
+    losses = AdapterLosses(12, 1.0, 1.1, 1.05)
+    args = (load_recipe("tiny"), RunDir(tmp_path), tmp_path, tmp_path, losses, "original", "why")
+    if outcome == "refused":
+        assert message(stage.check_merged, *args) == (
+            "the merged model diverges from base + adapter (largest logit difference 1.002, 5.0% of the logit scale); "
+            "nothing was written")
+        return
+    assert stage.check_merged(*args) == {
+        "examples": 12, "max_logit_diff": relative * 20, "relative_logit_diff": relative, "loss_adapter_on_4bit": 1.0,
+        "loss_adapter_on_original": 1.1, "loss_adapter_on_dequantized": 1.05, "loss_merged": loss_merged}
+    warned = " ".join(capsys.readouterr().err.split())
+    assert warned == ("" if outcome == "accepted" else
+                      "warning: the merged model's held-out loss (1.0101) is more than 1.0% above the adapter on its "
+                      "4-bit base (1.0000): it answers somewhat differently from the model that was trained")
