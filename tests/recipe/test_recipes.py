@@ -209,3 +209,30 @@ def test_what_decides_training_and_evaluation():
     assert load_recipe("tiny", ["eval.tasks=[arc_easy]"]).eval.settings() == {
         "max_tokens": recipe.eval.max_tokens, "concurrency": recipe.eval.concurrency, "tasks": ["arc_easy"],
         "limit": recipe.eval.limit, "drop_warning": recipe.eval.drop_warning}
+
+
+def test_overrides_set_typed_values_at_any_depth_and_leave_the_recipe_read_alone(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from qlora_app.recipe.loader import apply_overrides
+
+    monkeypatch.chdir(tmp_path)
+    raw = {"train": {"lr": 0.1}}
+    assert apply_overrides(raw, ["train.lr=0.5", "model.chat_template={{ a == b }}", "description=",
+                                 "serve.adapters.mine=./run", "data.source=./d.jsonl", "model.revision=./r",
+                                 "train.report_to=[tensorboard, wandb]"]) == {
+        "train": {"lr": 0.5, "report_to": ["tensorboard", "wandb"]},
+        "model": {"chat_template": "{{ a == b }}", "revision": "./r"}, "description": "",
+        "serve": {"adapters": {"mine": "./run"}}, "data": {"source": str(Path(tmp_path / "d.jsonl").resolve())}}
+    assert raw == {"train": {"lr": 0.1}}
+    with pytest.raises(UserError) as info:
+        apply_overrides(raw, ["train.lr.x=2"])
+    assert str(info.value) == "--set 'train.lr.x=2': 'lr' is not a section"
+
+
+def test_every_problem_is_listed_in_one_line():
+    with pytest.raises(UserError) as info:
+        load_recipe("tiny", ["lora.r=0", "train.grad_accum=0"])
+    assert str(info.value) == (f"{recipes_dir() / 'tiny.yaml'} (with --set lora.r=0 train.grad_accum=0): lora.r: Input "
+                               "should be greater than or equal to 1 (got 0); train.grad_accum: Input should be greater "
+                               "than or equal to 1 (got 0)")
