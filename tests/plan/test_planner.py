@@ -295,3 +295,61 @@ def test_the_plan_table_names_every_term_and_fsdps_only_with_fsdp():
     fsdp = planner.plan(load_recipe("tiny", ["train.distributed=fsdp"]), arch, ranks=4)
     assert [label for label, _ in fsdp.rows()] == labels
     assert [label for label, _ in planner.plan(load_recipe("tiny"), arch).rows()] == labels[:5] + labels[6:]
+
+
+def test_largest_batch_and_sequence_are_the_last_that_fit_and_zero_when_none_does():
+    recipe, arch = load_recipe("tiny"), Architecture(**SMALL, tied_embeddings=False)
+    total = {b: planner.plan(recipe, arch, batch_size=b).total for b in (1, 7)}
+    # (the plan is linear in the batch up to a few bytes of rounding)
+    assert planner.largest_batch(recipe, arch, total[7]) == 7 and planner.largest_batch(recipe, arch, total[7] - 99) == 6
+    assert planner.largest_batch(recipe, arch, total[1] - 99) == 0 and planner.largest_batch(recipe, arch, 0) == 0
+    assert planner.largest_batch(recipe, arch, total[7], seq_len=64) == 14  # half the tokens per row
+    seq = {s: planner.plan(recipe, arch, seq_len=s).total for s in (64, 320)}
+    assert planner.largest_seq_len(recipe, arch, seq[320]) == 320
+    assert planner.largest_seq_len(recipe, arch, seq[320] - 99) == 256
+    assert planner.largest_seq_len(recipe, arch, seq[64] - 99) == 0 and planner.largest_seq_len(recipe, arch, 0) == 0
+    assert planner.largest_seq_len(recipe, arch, seq[320], multiple=32) == 320
+    fsdp = recipe.with_section("train", distributed="fsdp")
+    four = planner.plan(fsdp, arch, batch_size=3, ranks=4).total
+    assert planner.largest_batch(fsdp, arch, four) < 3 == planner.largest_batch(fsdp, arch, four, ranks=4)
+    assert planner.largest_seq_len(fsdp, arch, planner.plan(fsdp, arch, seq_len=192, ranks=4).total, ranks=4) == 192
+
+
+@pytest.mark.parametrize(("fits_without", "rows", "ranks", "layout"), [
+    (16, 16, 1, (16, 1, False)),  # every row at once, no recomputation
+    (5, 16, 1, (4, 4, False)),  # 4 or more fit without: the largest divisor of 16 up to 5
+    (3, 16, 1, (4, 4, True)),  # fewer than 4 fit without: recomputation, where 6 fit
+    (3, 12, 1, (6, 2, True)),
+    (2, 2, 1, (2, 1, False)),  # all of a rank's 2 rows fit without: no recomputation though 2 < 4
+    (3, 16, 2, (4, 4, True)),  # 8 rows a rank: 4 a micro-batch; the accumulation is the whole update's
+    (0, 16, 1, (1, 16, True)),  # nothing fits: one row at a time (the plan then says it does not fit)
+])
+def test_fastest_layout_recomputes_only_when_needed_and_keeps_the_rows_per_update(fits_without, rows, ranks, layout):
+    recipe, arch = load_recipe("tiny"), Architecture(**SMALL, tied_embeddings=False)
+    without = recipe.with_section("train", gradient_checkpointing=False)
+    budget = planner.plan(without, arch, batch_size=fits_without, ranks=ranks).total if fits_without else 0
+    assert planner.largest_batch(recipe.with_section("train", gradient_checkpointing=True), arch, budget,
+                                 ranks=ranks) == 2 * fits_without  # recomputation halves this model's peak per row
+    chosen = planner.fastest_layout(recipe, arch, budget, rows, ranks=ranks)
+    assert (chosen.batch_size, chosen.grad_accum, chosen.gradient_checkpointing) == layout
+
+
+def test_rows_that_do_not_split_over_the_ranks_are_refused():
+    with pytest.raises(ValueError) as refused:
+        planner.fastest_layout(load_recipe("tiny"), Architecture(**SMALL, tied_embeddings=False), 10 * GiB, 6, ranks=4)
+    assert str(refused.value) == "6 rows per update cannot be split evenly over 4 ranks"
+    recipe = load_recipe("tiny", ["train.batch_size=2", "train.grad_accum=3"])
+    assert planner.fastest_layout(recipe, Architecture(**SMALL, tied_embeddings=False), 10 * GiB).grad_accum == 1
+
+
+def test_the_fewest_gpus_that_hold_the_plan():
+    recipe, arch = load_recipe("tiny", ["train.distributed=fsdp"]), Architecture(**SMALL, tied_embeddings=False)
+    three = planner.plan(recipe, arch, ranks=3).total
+    assert planner.gpus_needed(recipe, arch, three) == 3 and planner.gpus_needed(recipe, arch, three - 1) == 4
+    assert planner.gpus_needed(recipe, arch, planner.plan(recipe, arch).total) == 1
+    assert planner.gpus_needed(recipe, arch, three, most=2) is None
+    assert planner.gpus_needed(recipe, arch, planner.plan(recipe, arch, ranks=64).total) <= 64
+    ddp = recipe.with_section("train", distributed="ddp")
+    assert planner.gpus_needed(ddp, arch, planner.plan(ddp, arch).total) == 1
+    assert planner.gpus_needed(ddp, arch, planner.plan(ddp, arch).total - 1) is None
+    assert planner.as_lora(recipe).quantization.enabled is False and planner.as_lora(recipe).lora == recipe.lora
