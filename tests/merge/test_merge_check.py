@@ -93,6 +93,30 @@ def test_the_streamed_merge_is_bitwise_peft_merge_and_unload(untrained_run, tiny
     assert report["nf4_rounded_weights"] == (14 if base_weights == "dequantized" else 0)
 
 
+def test_a_sharded_base_is_merged_shard_by_shard_with_its_index(untrained_run, tiny_model_dir, capsys):
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = untrained_run.path.parent / "sharded-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(base, max_shard_size="300KB")
+    recipe = yaml.safe_load(untrained_run.recipe_file.read_text())
+    untrained_run.recipe_file.write_text(yaml.safe_dump({**recipe, "model": {**recipe["model"], "path": str(base)}}))
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) >= 3
+    spec = untrained_run.recipe().merge.model_copy(update={"base_weights": "original"})
+    merged = stage.merge(untrained_run, spec, verify=False)
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == shards
+    assert (merged / "model.safetensors.index.json").read_text() == (base / "model.safetensors.index.json").read_text()
+    ours = {k: v for shard in shards for k, v in load_file(merged / shard).items()}
+    reference = peft_merged(untrained_run, base)
+    assert set(ours) == set(reference) and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert json.loads((merged / "merge_report.json").read_text())["shards"] == len(shards)
+    assert " ".join(capsys.readouterr().err.split()) == (
+        f"merged model: {merged} (14 weights merged into original base weights)")
+
+
 def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run):
     merged = stage.merge(untrained_run)
     report = json.loads((merged / "merge_report.json").read_text())
@@ -139,12 +163,27 @@ def test_merged_generation_stops_at_end_of_turn_and_pads_with_the_training_pad(u
     assert sorted(p.name for p in merged.iterdir() if p.name.startswith("adapter")) == []
 
 
-def test_a_tokenizer_that_pads_with_end_of_sequence_is_refused(untrained_run, tiny_model_dir):
-    folder = untrained_run.path / "folder"
+def model_files(tiny_model_dir, folder):
     folder.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
                  "config.json"):
         shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize(("eos", "expected"), [(1, [1, 4]), ([7, 1], [7, 1, 4]), ([4], [4, 1]), (None, [4, 1])])
+def test_generation_stops_at_the_base_eos_ids_the_end_of_turn_and_eos(tmp_path, tiny_model_dir, eos, expected):
+    folder = model_files(tiny_model_dir, tmp_path / "folder")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": eos}))
+    stage.keep_stop_and_pad(folder)
+    written = json.loads((folder / "generation_config.json").read_text())
+    assert written == {**generation, "eos_token_id": expected, "pad_token_id": 5}  # <|eot_id|> is 4, <|pad|> 5
+    assert json.loads((folder / "config.json").read_text())["pad_token_id"] == 5
+
+
+def test_a_tokenizer_that_pads_with_end_of_sequence_is_refused(untrained_run, tiny_model_dir):
+    folder = model_files(tiny_model_dir, untrained_run.path / "folder")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|eot_id|>"}))
     pad = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
