@@ -236,3 +236,41 @@ def test_every_problem_is_listed_in_one_line():
     assert str(info.value) == (f"{recipes_dir() / 'tiny.yaml'} (with --set lora.r=0 train.grad_accum=0): lora.r: Input "
                                "should be greater than or equal to 1 (got 0); train.grad_accum: Input should be greater "
                                "than or equal to 1 (got 0)")
+
+
+def test_recipes_come_from_the_environments_folder_else_the_source_tree(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "recipes"
+    assert recipes_dir() == shipped
+    (tmp_path / "mine.yaml").write_text((shipped / "tiny.yaml").read_text())
+    (tmp_path / "other.yml").write_text("model: {path: builtin:tiny-llama}\ndata: {source: x.jsonl, eval_fraction: 0.1}\n")
+    monkeypatch.setenv("QLORA_RECIPES_DIR", str(tmp_path))
+    assert recipes_dir() == tmp_path and list_recipes() == ["mine"]
+    assert load_recipe(str(tmp_path / "other.yml")).name == "other"
+    with pytest.raises(UserError) as info:
+        load_recipe("qqq")
+    assert str(info.value) == "unknown recipe 'qqq'; known recipes: mine"
+    (tmp_path / "qqq2.yaml").write_text("")
+    with pytest.raises(UserError) as info:
+        load_recipe("qqq")
+    assert str(info.value) == "unknown recipe 'qqq' (did you mean 'qqq2'?); known recipes: mine, qqq2"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("model:\n  path: x\ndata:\n  source: [unclosed\n  format: text\n",
+     "{path}:5:9: malformed YAML: expected ',' or ']', but got ':'"),
+    ("- model\n- data\n", "{path}: a recipe must be a YAML mapping of sections, got list"),
+    (b"name: caf\xe9\n", "cannot read recipe {path}: 'utf-8' codec can't decode byte 0xe9 in position 9: invalid "
+                        "continuation byte"),
+    ("missing", "recipe file {path} does not exist"),
+])
+def test_a_recipe_file_that_cannot_be_read_is_one_exact_line(tmp_path, content, problem):
+    path = tmp_path / "r.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content != "missing":
+        path.write_text(content)
+    with pytest.raises(UserError) as info:
+        load_recipe(str(path))
+    assert str(info.value) == problem.format(path=path)
