@@ -1,5 +1,6 @@
 """The planner's figures against the real libraries: bitsandbytes' 4-bit footprint and peft's LoRA size."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -281,6 +282,7 @@ def test_nf4_bytes_are_exactly_what_bitsandbytes_holds_for_one_weight(numel, dou
 def test_every_term_of_the_plan_is_counted_exactly(case, overrides, arch, kwargs, expected):
     plan = planner.plan(load_recipe("tiny", overrides), Architecture(**SMALL, **arch), **kwargs)
     assert plan == planner.MemoryPlan(**expected)
+    assert all(type(value) is int for value in dataclasses.astuple(plan))  # whole bytes, even over several ranks
     assert plan.total == sum(value for _, value in plan.rows()) == plan.step_total + TRAINER
     assert plan.base_weights == expected["base_quantized"] + expected["base_16bit"]
 
@@ -353,3 +355,29 @@ def test_the_fewest_gpus_that_hold_the_plan():
     assert planner.gpus_needed(ddp, arch, planner.plan(ddp, arch).total) == 1
     assert planner.gpus_needed(ddp, arch, planner.plan(ddp, arch).total - 1) is None
     assert planner.as_lora(recipe).quantization.enabled is False and planner.as_lora(recipe).lora == recipe.lora
+
+
+def test_fsdp_searches_count_the_memory_of_the_ranks_they_are_given():
+    """A model whose 4-bit layers outweigh its activations: sharding them over more ranks fits more."""
+    arch = Architecture(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, head_dim=64, vocab=1000,
+                        max_positions=512, tied_embeddings=False)
+    for checkpointing in ("true", "false"):  # the recipe's own setting: the layout picks its own
+        recipe = load_recipe("tiny", ["train.distributed=fsdp", f"train.gradient_checkpointing={checkpointing}"])
+        budget = planner.plan(recipe.with_section("train", gradient_checkpointing=True), arch, batch_size=8,
+                              ranks=4).total
+        assert planner.fastest_layout(recipe, arch, budget, 32, ranks=4) == planner.Layout(8, 4, True)
+        assert planner.fastest_layout(recipe, arch, budget, 32) == planner.Layout(2, 16, True)
+    recipe = load_recipe("tiny", ["train.distributed=fsdp"])
+    budget = planner.plan(recipe, arch, batch_size=8, ranks=4).total
+    assert [planner.largest_batch(recipe, arch, budget, ranks=r) for r in (2, 4)] == [5, 8]
+    assert planner.largest_batch(recipe, arch, budget) == 2
+    budget = planner.plan(recipe, arch, seq_len=256, ranks=4).total
+    assert (planner.largest_seq_len(recipe, arch, budget), planner.largest_seq_len(recipe, arch, budget, ranks=4)) == (
+        64, 256)
+
+
+def test_no_more_than_64_gpus_are_counted():
+    recipe, arch = load_recipe("tiny", ["train.distributed=fsdp"]), Architecture(**SMALL, tied_embeddings=False)
+    budget = planner.plan(recipe, arch, ranks=65).total  # 65 ranks would fit, 64 not
+    assert planner.plan(recipe, arch, ranks=64).total > budget
+    assert planner.gpus_needed(recipe, arch, budget) is None and planner.gpus_needed(recipe, arch, budget, 65) == 65
