@@ -129,10 +129,27 @@ def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run):
     assert sorted(check) == ["examples", "loss_adapter_on_4bit", "loss_adapter_on_dequantized",
                              "loss_adapter_on_original", "loss_merged", "max_logit_diff", "relative_logit_diff"]
     assert check["examples"] == 12 and check["relative_logit_diff"] < 0.05 and check["loss_merged"] > 0
+    on_4bit, original, dequantized = (check[f"loss_adapter_on_{kind}"] for kind in ("4bit", "original", "dequantized"))
+    # the 4-bit base computes with dequant(NF4) weights: the adapter on them is nearest to what was trained
+    assert abs(dequantized - on_4bit) < abs(original - on_4bit) / 3 and report["base_weights"] == "dequantized"
+    assert report["base_weights_reason"] == (f"its held-out loss with the adapter ({dequantized:.4f}) is closest to "
+                                             f"the adapter on the 4-bit base it was trained on ({on_4bit:.4f})")
+    assert check["loss_merged"] == pytest.approx(dequantized, rel=0.005)
     config = json.loads((merged / "config.json").read_text())
     assert config["torch_dtype"] == config["dtype"] == recipe.merge.dtype
     assert stage.is_current(untrained_run, recipe.merge, verified=True)
     assert "merged" in (merged / "README.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_check_compares_with_base_plus_adapter_in_the_merge_dtype(untrained_run, tiny_model_dir, dtype):
+    import torch
+
+    from qlora_app.merge.verify import unmerged
+
+    recipe = untrained_run.recipe().with_section("merge", dtype=dtype)
+    model = unmerged(recipe, untrained_run.adapter, tiny_model_dir, "original")
+    assert model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype == getattr(torch, dtype)
 
 
 def test_a_merged_model_is_current_only_for_its_adapter_settings_and_check(untrained_run):
