@@ -94,6 +94,25 @@ def test_the_streamed_merge_is_bitwise_peft_merge_and_unload(untrained_run, tiny
     assert report["nf4_rounded_weights"] == (14 if base_weights == "dequantized" else 0)
 
 
+def test_a_rank_stabilized_adapter_is_scaled_by_alpha_over_the_root_of_r(tmp_path, tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe("tiny", ["lora.use_rslora=true", "merge.base_weights=original"])
+    run = RunDir.create(recipe, tmp_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, target_modules=["q_proj"], use_rslora=True,
+                      init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(run.adapter)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, run.adapter / name)
+    ours, reference = load_file(stage.merge(run, verify=False) / "model.safetensors"), peft_merged(run, tiny_model_dir)
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
 def test_a_sharded_base_is_merged_shard_by_shard_with_its_index(untrained_run, tiny_model_dir, capsys):
     import torch
     import yaml
@@ -118,7 +137,7 @@ def test_a_sharded_base_is_merged_shard_by_shard_with_its_index(untrained_run, t
         f"merged model: {merged} (14 weights merged into original base weights)")
 
 
-def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run):
+def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run, capsys):
     merged = stage.merge(untrained_run)
     report = json.loads((merged / "merge_report.json").read_text())
     recipe = untrained_run.recipe()
@@ -136,10 +155,15 @@ def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run):
     assert report["base_weights_reason"] == (f"its held-out loss with the adapter ({dequantized:.4f}) is closest to "
                                              f"the adapter on the 4-bit base it was trained on ({on_4bit:.4f})")
     assert check["loss_merged"] == pytest.approx(dequantized, rel=0.005)
+    table = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert "│ merged into │ dequantized base weights │" in table
     config = json.loads((merged / "config.json").read_text())
     assert config["torch_dtype"] == config["dtype"] == recipe.merge.dtype
     assert stage.is_current(untrained_run, recipe.merge, verified=True)
-    assert "merged" in (merged / "README.md").read_text()
+    card = (merged / "README.md").read_text()
+    assert "## Merge report" in card and f"- merged into: {report['base_weights']} base weights, 14 weights" in card
+    assert str(untrained_run.merged) in card and "library_name: transformers" in card
+    assert f"{recipe.merge.dtype} model, the adapter merged in" in card
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -156,6 +180,8 @@ def test_the_check_compares_with_base_plus_adapter_in_the_merge_dtype(untrained_
 def test_a_merged_model_is_current_only_for_its_adapter_settings_and_check(untrained_run):
     assert not stage.is_current(untrained_run)
     stage.merge(untrained_run, verify=False)
+    assert json.loads(untrained_run.merge_report.read_text())["base_weights_reason"] == (
+        "the weights the adapter was trained on (no held-out check: --no-verify)")
     spec = untrained_run.recipe().merge
     assert stage.is_current(untrained_run) and stage.is_current(untrained_run, spec)
     assert not stage.is_current(untrained_run, spec, verified=True)  # merged with --no-verify
@@ -194,6 +220,8 @@ def test_generation_stops_at_the_base_eos_ids_the_end_of_turn_and_eos(tmp_path, 
     folder = model_files(tiny_model_dir, tmp_path / "folder")
     generation = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": eos}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "pad_token_id"}))
     stage.keep_stop_and_pad(folder)
     written = json.loads((folder / "generation_config.json").read_text())
     assert written == {**generation, "eos_token_id": expected, "pad_token_id": 5}  # <|eot_id|> is 4, <|pad|> 5
@@ -307,21 +335,22 @@ def test_merge_needs_the_base_size_and_5_percent_free(tmp_path, share, refused):
         return
     needed = int(int(free * share) * 1.05)
     with pytest.raises(UserError, match=rf"^merging needs about {needed / 1e9:.1f} GB free in {tmp_path}, only "
-                                        r"[\d.]+ GB is available$"):
+                                        r"\d{1,5}\.\d GB is available$"):
         stage.check_disk(tmp_path, ["model.safetensors"], tmp_path)
 
 
 def test_the_check_is_summed_up_in_one_table(capsys):
     from qlora_app.merge.verify import AdapterLosses, MergedCheck
 
-    stage.print_verification(AdapterLosses(12, 1.2345, 1.3, None), MergedCheck("dequantized", 0.01234, 0.001, 1.25),
+    stage.print_verification(AdapterLosses(12, None, 1.3, 1.2345), MergedCheck("dequantized", 0.01234, 0.001, 1.25),
                              "the reason")
     lines = capsys.readouterr().out.splitlines()
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if "│" in line]
+    assert all(line.split("│")[2].startswith("  ") for line in lines if "│" in line and "merged into" not in line)
     assert (lines[0].strip(), lines[-1].strip()) == ("merge check on 12 held-out examples", "dequantized: the reason")
-    assert cells == [["held-out loss: adapter on the 4-bit base (as trained)", "1.2345"],
+    assert cells == [["held-out loss: adapter on the 4-bit base (as trained)", "n/a"],
                      ["held-out loss: adapter on the original 16-bit base", "1.3000"],
-                     ["held-out loss: adapter on dequantized NF4 weights", "n/a"],
+                     ["held-out loss: adapter on dequantized NF4 weights", "1.2345"],
                      ["merged into", "dequantized base weights"],
                      ["held-out loss: merged model", "1.2500"],
                      ["largest logit difference, merged vs base + adapter", "0.0123"]]

@@ -26,7 +26,7 @@ def loss_and_count(model, ids, labels) -> tuple[float, int]:
 
 def test_mean_loss_weighs_each_example_by_its_learned_tokens_and_skips_unlabelled_ones(model):
     a = ([5, 6, 7, 8, 9, 10], [-100, -100, 7, 8, 9, 10])
-    b = ([11, 12, 13], [-100, -100, 13])
+    b = ([11, 12, 13], [-100, 12, 13])
     (la, ca), (lb, cb) = loss_and_count(model, *a), loss_and_count(model, *b)
     unlabelled = ([1, 2, 3], [-100, -100, -100])
     assert verify.mean_loss(model, [a, b, unlabelled]) == pytest.approx((la * ca + lb * cb) / (ca + cb), rel=1e-6)
@@ -61,6 +61,10 @@ def test_held_out_examples_are_the_eval_split_encoded_at_most_32(tmp_path):
     assert len(examples) == verify.MAX_EXAMPLES == 32
     assert tokenizer.decode([t for t in examples[31][1] if t != -100]) == "32.<|eot_id|>"
     assert len(verify.heldout_examples(load_recipe("tiny"), tokenizer)) == 12
+    template = tokenizer.chat_template.replace("{{ bos_token }}", "{{ bos_token }}{{ greeting }}", 1)
+    greeted = recipe.with_section("model", chat_template=template, chat_template_kwargs={"greeting": "Welcome."})
+    ids = verify.heldout_examples(greeted, load_tokenizer(greeted))[0][0]
+    assert tokenizer.decode(ids).startswith("<|begin_of_text|>Welcome.")
 
 
 @pytest.mark.parametrize(("losses", "expected"), [
