@@ -149,7 +149,13 @@ def test_render_is_the_templates_text_with_its_variables(tokenizer):
     assert render(tokenizer, messages, add_generation_prompt=True, greeting="Hi.") == (
         "<|begin_of_text|>Hi.<|start_header_id|>user<|end_header_id|>\n\nCapital of Dateul?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids, _, _ = encode_chat(chat("Capital of Dateul?", "Neul.")["messages"], tokenizer, "chat.jsonl:3",
+                            {"greeting": "Hi."})
+    assert tokenizer.decode(ids).startswith("<|begin_of_text|>Hi.<|start_header_id|>user")
     tokenizer.chat_template = "{{ raise_exception('no such role') }}"
     with pytest.raises(UserError) as refused:
         render(tokenizer, messages)
     assert str(refused.value) == "the conversation: the chat template rejects this conversation: no such role"
+    with pytest.raises(UserError) as refused:
+        encode_chat(chat("Capital of Dateul?", "Neul.")["messages"], tokenizer, "chat.jsonl:3")
+    assert str(refused.value) == "chat.jsonl:3: the chat template rejects this conversation: no such role"

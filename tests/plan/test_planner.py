@@ -272,6 +272,18 @@ def test_nf4_bytes_are_exactly_what_bitsandbytes_holds_for_one_weight(numel, dou
         activations=512 * (384 + 768 + 6 * 96 + 576 + 1408 + 7 * 32), logits=1_280_000,
         overhead=CONTEXT + int(0.12 * (2_015_232 + 1_280_000)), trainer_overhead=TRAINER,
         batch_size=4, ranks=1, seq_len=128, trainable_params=3 * 8 * (2 * 128 + 2 * 96 + 3 * 240), gathered=0)),
+    # the head quantized too, with double quantization: 1000 x 64 weights in 1000 blocks, 4 nested blocks
+    ("qlora-head", ["quantization.skip_modules=[]"], dict(tied_embeddings=False), {}, dict(
+        base_quantized=94_296 + 32_000 + 1000 + 4 * 4 + 256 * 4 + 4 + 64, base_16bit=64_000 * 2 + 448 * 4,
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=8 * 56_064, activations=1_835_008,
+        logits=1_280_000, overhead=CONTEXT + 45_056 + int(0.12 * (1_835_008 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=56_064, gathered=0)),
+    # plain LoRA on a bf16 base: every frozen weight in bf16, norms too
+    ("lora-bf16", ["quantization.enabled=false"], dict(tied_embeddings=False), {}, dict(
+        base_quantized=0, base_16bit=3 * 46_080 * 2 + 2 * 64_000 * 2 + 448 * 2,
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=8 * 56_064, activations=1_835_008,
+        logits=1_280_000, overhead=CONTEXT + int(0.12 * (1_835_008 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=56_064, gathered=0)),
     # FSDP over 4 ranks: 4-bit layers, adapters and optimizer sharded; two layers' worth gathered
     ("fsdp-4", ["train.distributed=fsdp"], dict(tied_embeddings=False), dict(ranks=4), dict(
         base_quantized=94_296 // 4, base_16bit=257_792, lora_weights=56_064, lora_gradients=56_064,
