@@ -94,6 +94,19 @@ def test_the_streamed_merge_is_bitwise_peft_merge_and_unload(untrained_run, tiny
     assert report["nf4_rounded_weights"] == (14 if base_weights == "dequantized" else 0)
 
 
+def test_a_plain_lora_run_is_merged_into_the_original_weights_and_checked_against_them(untrained_run):
+    import yaml
+
+    recipe = yaml.safe_load(untrained_run.recipe_file.read_text())
+    untrained_run.recipe_file.write_text(yaml.safe_dump({**recipe, "quantization": {"enabled": False}}))
+    report = json.loads((stage.merge(untrained_run) / "merge_report.json").read_text())
+    assert (report["base_weights"], report["base_weights_reason"], report["nf4_rounded_weights"]) == (
+        "original", "the adapter was trained on the original 16-bit weights", 0)
+    check = report["verification"]
+    assert check["loss_adapter_on_4bit"] is None and check["loss_adapter_on_dequantized"] is None
+    assert check["loss_merged"] == pytest.approx(check["loss_adapter_on_original"], rel=0.005)
+
+
 def test_a_rank_stabilized_adapter_is_scaled_by_alpha_over_the_root_of_r(tmp_path, tiny_model_dir):
     import torch
     from peft import LoraConfig, get_peft_model
