@@ -79,6 +79,8 @@ def test_resume_refuses_other_training_settings_but_not_other_merge_or_serve_set
     run = RunDir.create(load_recipe("tiny"), tmp_path)
     again = load_recipe("tiny", ["merge.dtype=float32", "serve.port=9000", "eval.enabled=false"])
     assert find_resumable(again, tmp_path, str(run.path)) == run
+    run.mark_latest()
+    assert find_resumable(again, tmp_path, "latest") == RunDir(run.path.resolve())
     assert message(find_resumable, load_recipe("tiny", ["train.lr=0.001"]), tmp_path, str(run.path)) == (
         f"run {run.path} was started with a different recipe; resume it without --set, or start a new run")
 
@@ -98,17 +100,17 @@ def test_resume_refuses_another_number_of_ranks_and_says_how_to_resume(tmp_path,
 
 def test_resume_point_is_the_newest_complete_checkpoint_with_the_logs_cut_back_to_it(tmp_path, capsys):
     run = RunDir.create(load_recipe("tiny"), tmp_path)
-    for step in (2, 10, 12):
+    for step in (2, 10, 11, 12):
         (run.checkpoints / f"checkpoint-{step}").mkdir(parents=True)
-    for step in (2, 10):
+    for step in (2, 10, 11):
         (run.checkpoints / f"checkpoint-{step}" / COMPLETE_MARKER).write_text(f"{step}\n")
     run.metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 10, 11, 12)))
-    assert resume_point(run) == run.checkpoints / "checkpoint-10"
+    assert resume_point(run) == run.checkpoints / "checkpoint-11"
     assert not (run.checkpoints / "checkpoint-12").exists() and (run.checkpoints / "checkpoint-2").exists()
-    assert [r["step"] for r in run.read_metrics()] == [1, 2, 10]
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 10, 11]
     assert " ".join(capsys.readouterr().err.split()) == (
         "warning: skipping checkpoint-12: it was not completely written (the process died while saving); "
-        "removing it resuming from checkpoint-10")
+        "removing it resuming from checkpoint-11")
 
 
 def test_a_run_without_a_complete_checkpoint_starts_over_with_clean_logs(tmp_path, capsys):
@@ -119,3 +121,4 @@ def test_a_run_without_a_complete_checkpoint_starts_over_with_clean_logs(tmp_pat
     assert run.read_metrics() == [] and not run.tensorboard.exists()
     assert " ".join(capsys.readouterr().err.split()) == (
         f"{run.path} has no complete checkpoint yet: training it from the start")
+    assert resume_point(run) is None  # again, with no TensorBoard logs left to remove
