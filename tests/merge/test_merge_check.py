@@ -168,8 +168,10 @@ def test_the_report_says_what_was_merged_and_how_it_was_checked(untrained_run, c
     assert report["base_weights_reason"] == (f"its held-out loss with the adapter ({dequantized:.4f}) is closest to "
                                              f"the adapter on the 4-bit base it was trained on ({on_4bit:.4f})")
     assert check["loss_merged"] == pytest.approx(dequantized, rel=0.005)
-    table = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out
+    table = [" ".join(line.split()) for line in out.splitlines()]
     assert "│ merged into │ dequantized base weights │" in table
+    assert " ".join(out.split()).endswith(f"dequantized: {report['base_weights_reason']}")  # the caption
     config = json.loads((merged / "config.json").read_text())
     assert config["torch_dtype"] == config["dtype"] == recipe.merge.dtype
     assert stage.is_current(untrained_run, recipe.merge, verified=True)
