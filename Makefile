@@ -183,8 +183,9 @@ lock-gpu: ## Regenerate requirements/gpu.lock (CUDA, Python 3.12, linux x86_64, 
 	  --custom-compile-command "make lock-gpu" --quiet
 	rm -rf .lock-venv
 
-mutation: venv ## Mutation testing (mutmut, not in CI) of pyproject's [tool.mutmut] modules with the fast tests; JOBS=2
-	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2)
+mutation: venv ## Mutation testing (mutmut, not in CI) of pyproject's [tool.mutmut] modules with the fast tests; JOBS=2 MUTANTS=
+	# every mutant named (MUTANTS='qlora_app.serve.auth.*', default: scripts/mutation_report.py --names) is tested again
+	set -f; OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2) $(or $(MUTANTS),$$($(PY) scripts/mutation_report.py --names))
 	$(PY) scripts/mutation_report.py
 
 clean: ## Remove the virtual environments and caches (never runs/, never the image)

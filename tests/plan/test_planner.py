@@ -1,5 +1,6 @@
 """The planner's figures against the real libraries: bitsandbytes' 4-bit footprint and peft's LoRA size."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -217,3 +218,178 @@ def test_plan_with_gpus_prints_the_per_gpu_peak_and_the_cards_needed():
     assert "per GPU of 4 (FSDP)" in result.stdout and "FSDP: a layer gathered" in result.stdout
     assert "fits in 24 GiB" in result.stdout
     assert "FSDP: needs 3 GPUs of 24 GiB; with train.grad_accum=16: train --gpus 4" in result.stdout
+
+
+# A small Llama layer: hidden 64, MLP 176, 3 layers, 4 query heads and 2 key/value heads of 16, vocabulary 1000.
+# Per layer q, o: 64x64 = 4096 weights; k, v: 64x32 = 2048; gate, up, down: 64x176 = 11264.
+SMALL = dict(hidden=64, intermediate=176, layers=3, heads=4, kv_heads=2, head_dim=16, vocab=1000, max_positions=512)
+CONTEXT, TRAINER = int(0.75 * GiB), int(0.95 * GiB)
+
+
+@pytest.mark.parametrize(("numel", "double_quant"), [(4096, True), (7000, False), (42957, True), (42957, False),
+                                                      (4_194_304, True)])
+def test_nf4_bytes_are_exactly_what_bitsandbytes_holds_for_one_weight(numel, double_quant):
+    """Packed codes, absmax per block of 64 (or 8-bit, with fp32 absmax per 256 blocks), tables and offset:
+    odd sizes, partial blocks and several nested blocks."""
+    import bitsandbytes.functional as bnb
+
+    packed, state = bnb.quantize_4bit(torch.ones(numel, dtype=torch.bfloat16), quant_type="nf4",
+                                      compress_statistics=double_quant)
+    tensors = [packed, state.absmax, state.code]
+    if double_quant:
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    assert planner.nf4_bytes(numel, double_quant) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize(("case", "overrides", "arch", "kwargs", "expected"), [
+    # tiny recipe: r=16 on all 7 projections, dropout 0, NF4 with double quantization, lm_head kept, adamw_torch,
+    # 4 x 128 tokens, checkpointing
+    ("qlora", [], dict(tied_embeddings=False), {}, dict(
+        base_quantized=3 * (2 * 3208 + 2 * 2152 + 3 * 6904),  # nf4_bytes of 4096, 2048, 11264 weights
+        base_16bit=2 * 64_000 * 2 + 448 * 4,  # embeddings and head in bf16; (2 x 3 + 1) x 64 norm weights in fp32
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=8 * 56_064,
+        # per token: each layer's input (3 x 64 x 2) + one layer's norms 2 x (4 + 2) x 64, q/k/v etc.
+        # 2 x (64 + 64) + 2 x (64 + 32) + 2 x 64, MLP 8 x 176 and LoRA 7 x 4 x 16
+        activations=512 * (384 + 768 + 576 + 1408 + 448), logits=int(512 * 1000 * 2.5),
+        overhead=CONTEXT + 2 * 11264 * 2 + int(0.12 * (512 * 3584 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=3 * 16 * (2 * 128 + 2 * 96 + 3 * 240), gathered=0)),
+    # no double quantization, the head quantized too, dropout (3 bytes per adapter input), 8-bit optimizer,
+    # 2 x 64 tokens, no checkpointing
+    ("no-dq-head-dropout", ["lora.dropout=0.1", "quantization.double_quant=false", "quantization.skip_modules=[]",
+                            "train.optimizer=paged_adamw_8bit"], dict(tied_embeddings=False),
+     dict(batch_size=2, seq_len=64, gradient_checkpointing=False), dict(
+        base_quantized=3 * (2 * 2368 + 2 * 1216 + 3 * 6400) + 36_064, base_16bit=64_000 * 2 + 448 * 4,
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=2 * 56_064,
+        # every layer's full set (LoRA: 3 x 64 + 64 on six adapters, 3 x 176 + 64 on down_proj) + the input
+        activations=128 * (3 * (768 + 576 + 1408 + 6 * 256 + 592) + 128), logits=int(128 * 1000 * 2.5),
+        overhead=CONTEXT + 2 * 11264 * 2 + int(0.12 * (1_890_304 + 320_000)), trainer_overhead=TRAINER,
+        batch_size=2, ranks=1, seq_len=64, trainable_params=56_064, gathered=0)),
+    # plain LoRA in fp32 on Qwen3 (norms on queries and keys), tied embeddings, all-linear at r=8
+    ("lora-qwen3-tied", ["quantization.enabled=false", "model.dtype=float32", "lora.target_modules=all-linear",
+                         "lora.r=8"], dict(tied_embeddings=True, model_type="qwen3"), {}, dict(
+        base_quantized=0, base_16bit=3 * 46_080 * 4 + 64_000 * 4 + (7 * 64 + 3 * 32) * 4,
+        lora_weights=4 * 28_032, lora_gradients=4 * 28_032, optimizer_state=8 * 28_032,
+        activations=512 * (384 + 768 + 6 * 96 + 576 + 1408 + 7 * 32), logits=1_280_000,
+        overhead=CONTEXT + int(0.12 * (2_015_232 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=3 * 8 * (2 * 128 + 2 * 96 + 3 * 240), gathered=0)),
+    # the head quantized too, with double quantization: 1000 x 64 weights in 1000 blocks, 4 nested blocks
+    ("qlora-head", ["quantization.skip_modules=[]"], dict(tied_embeddings=False), {}, dict(
+        base_quantized=94_296 + 32_000 + 1000 + 4 * 4 + 256 * 4 + 4 + 64, base_16bit=64_000 * 2 + 448 * 4,
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=8 * 56_064, activations=1_835_008,
+        logits=1_280_000, overhead=CONTEXT + 45_056 + int(0.12 * (1_835_008 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=56_064, gathered=0)),
+    # plain LoRA on a bf16 base: every frozen weight in bf16, norms too
+    ("lora-bf16", ["quantization.enabled=false"], dict(tied_embeddings=False), {}, dict(
+        base_quantized=0, base_16bit=3 * 46_080 * 2 + 2 * 64_000 * 2 + 448 * 2,
+        lora_weights=4 * 56_064, lora_gradients=4 * 56_064, optimizer_state=8 * 56_064, activations=1_835_008,
+        logits=1_280_000, overhead=CONTEXT + int(0.12 * (1_835_008 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=1, seq_len=128, trainable_params=56_064, gathered=0)),
+    # FSDP over 4 ranks: 4-bit layers, adapters and optimizer sharded; two layers' worth gathered
+    ("fsdp-4", ["train.distributed=fsdp"], dict(tied_embeddings=False), dict(ranks=4), dict(
+        base_quantized=94_296 // 4, base_16bit=257_792, lora_weights=56_064, lora_gradients=56_064,
+        optimizer_state=112_128, activations=1_835_008, logits=1_280_000,
+        overhead=CONTEXT + 45_056 + int(0.12 * (1_835_008 + 1_280_000)), trainer_overhead=TRAINER,
+        batch_size=4, ranks=4, seq_len=128, trainable_params=56_064, gathered=2 * (94_296 + 4 * 56_064) // 3)),
+])
+def test_every_term_of_the_plan_is_counted_exactly(case, overrides, arch, kwargs, expected):
+    plan = planner.plan(load_recipe("tiny", overrides), Architecture(**SMALL, **arch), **kwargs)
+    assert plan == planner.MemoryPlan(**expected)
+    assert all(type(value) is int for value in dataclasses.astuple(plan))  # whole bytes, even over several ranks
+    assert plan.total == sum(value for _, value in plan.rows()) == plan.step_total + TRAINER
+    assert plan.base_weights == expected["base_quantized"] + expected["base_16bit"]
+
+
+def test_the_plan_table_names_every_term_and_fsdps_only_with_fsdp():
+    arch = Architecture(**SMALL, tied_embeddings=False)
+    labels = ["base weights, 4-bit (incl. quantization constants)",
+              "base weights, 16-bit (embeddings, head, norms, skipped)", "LoRA weights (fp32)",
+              "LoRA gradients (fp32)", "optimizer state", "FSDP: a layer gathered, and the next prefetched",
+              "activations", "output head and loss (tiled)", "CUDA context, workspace, fragmentation",
+              "Trainer (evaluation, bookkeeping)"]
+    fsdp = planner.plan(load_recipe("tiny", ["train.distributed=fsdp"]), arch, ranks=4)
+    assert [label for label, _ in fsdp.rows()] == labels
+    assert [label for label, _ in planner.plan(load_recipe("tiny"), arch).rows()] == labels[:5] + labels[6:]
+
+
+def test_largest_batch_and_sequence_are_the_last_that_fit_and_zero_when_none_does():
+    recipe, arch = load_recipe("tiny"), Architecture(**SMALL, tied_embeddings=False)
+    total = {b: planner.plan(recipe, arch, batch_size=b).total for b in (1, 7)}
+    # (the plan is linear in the batch up to a few bytes of rounding)
+    assert planner.largest_batch(recipe, arch, total[7]) == 7 and planner.largest_batch(recipe, arch, total[7] - 99) == 6
+    assert planner.largest_batch(recipe, arch, total[1] - 99) == 0 and planner.largest_batch(recipe, arch, 0) == 0
+    assert planner.largest_batch(recipe, arch, total[7], seq_len=64) == 14  # half the tokens per row
+    seq = {s: planner.plan(recipe, arch, seq_len=s).total for s in (64, 320)}
+    assert planner.largest_seq_len(recipe, arch, seq[320]) == 320
+    assert planner.largest_seq_len(recipe, arch, seq[320] - 99) == 256
+    assert planner.largest_seq_len(recipe, arch, seq[64] - 99) == 0 and planner.largest_seq_len(recipe, arch, 0) == 0
+    assert planner.largest_seq_len(recipe, arch, seq[320], multiple=32) == 320
+    fsdp = recipe.with_section("train", distributed="fsdp")
+    four = planner.plan(fsdp, arch, batch_size=3, ranks=4).total
+    assert planner.largest_batch(fsdp, arch, four) < 3 == planner.largest_batch(fsdp, arch, four, ranks=4)
+    assert planner.largest_seq_len(fsdp, arch, planner.plan(fsdp, arch, seq_len=192, ranks=4).total, ranks=4) == 192
+
+
+@pytest.mark.parametrize(("fits_without", "rows", "ranks", "layout"), [
+    (16, 16, 1, (16, 1, False)),  # every row at once, no recomputation
+    (5, 16, 1, (4, 4, False)),  # 4 or more fit without: the largest divisor of 16 up to 5
+    (3, 16, 1, (4, 4, True)),  # fewer than 4 fit without: recomputation, where 6 fit
+    (3, 12, 1, (6, 2, True)),
+    (2, 2, 1, (2, 1, False)),  # all of a rank's 2 rows fit without: no recomputation though 2 < 4
+    (3, 16, 2, (4, 4, True)),  # 8 rows a rank: 4 a micro-batch; the accumulation is the whole update's
+    (0, 16, 1, (1, 16, True)),  # nothing fits: one row at a time (the plan then says it does not fit)
+])
+def test_fastest_layout_recomputes_only_when_needed_and_keeps_the_rows_per_update(fits_without, rows, ranks, layout):
+    recipe, arch = load_recipe("tiny"), Architecture(**SMALL, tied_embeddings=False)
+    without = recipe.with_section("train", gradient_checkpointing=False)
+    budget = planner.plan(without, arch, batch_size=fits_without, ranks=ranks).total if fits_without else 0
+    assert planner.largest_batch(recipe.with_section("train", gradient_checkpointing=True), arch, budget,
+                                 ranks=ranks) == 2 * fits_without  # recomputation halves this model's peak per row
+    chosen = planner.fastest_layout(recipe, arch, budget, rows, ranks=ranks)
+    assert (chosen.batch_size, chosen.grad_accum, chosen.gradient_checkpointing) == layout
+
+
+def test_rows_that_do_not_split_over_the_ranks_are_refused():
+    with pytest.raises(ValueError) as refused:
+        planner.fastest_layout(load_recipe("tiny"), Architecture(**SMALL, tied_embeddings=False), 10 * GiB, 6, ranks=4)
+    assert str(refused.value) == "6 rows per update cannot be split evenly over 4 ranks"
+    recipe = load_recipe("tiny", ["train.batch_size=2", "train.grad_accum=3"])
+    assert planner.fastest_layout(recipe, Architecture(**SMALL, tied_embeddings=False), 10 * GiB).grad_accum == 1
+
+
+def test_the_fewest_gpus_that_hold_the_plan():
+    recipe, arch = load_recipe("tiny", ["train.distributed=fsdp"]), Architecture(**SMALL, tied_embeddings=False)
+    three = planner.plan(recipe, arch, ranks=3).total
+    assert planner.gpus_needed(recipe, arch, three) == 3 and planner.gpus_needed(recipe, arch, three - 1) == 4
+    assert planner.gpus_needed(recipe, arch, planner.plan(recipe, arch).total) == 1
+    assert planner.gpus_needed(recipe, arch, three, most=2) is None
+    assert planner.gpus_needed(recipe, arch, planner.plan(recipe, arch, ranks=64).total) <= 64
+    ddp = recipe.with_section("train", distributed="ddp")
+    assert planner.gpus_needed(ddp, arch, planner.plan(ddp, arch).total) == 1
+    assert planner.gpus_needed(ddp, arch, planner.plan(ddp, arch).total - 1) is None
+    assert planner.as_lora(recipe).quantization.enabled is False and planner.as_lora(recipe).lora == recipe.lora
+
+
+def test_fsdp_searches_count_the_memory_of_the_ranks_they_are_given():
+    """A model whose 4-bit layers outweigh its activations: sharding them over more ranks fits more."""
+    arch = Architecture(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, head_dim=64, vocab=1000,
+                        max_positions=512, tied_embeddings=False)
+    for checkpointing in ("true", "false"):  # the recipe's own setting: the layout picks its own
+        recipe = load_recipe("tiny", ["train.distributed=fsdp", f"train.gradient_checkpointing={checkpointing}"])
+        budget = planner.plan(recipe.with_section("train", gradient_checkpointing=True), arch, batch_size=8,
+                              ranks=4).total
+        assert planner.fastest_layout(recipe, arch, budget, 32, ranks=4) == planner.Layout(8, 4, True)
+        assert planner.fastest_layout(recipe, arch, budget, 32) == planner.Layout(2, 16, True)
+    recipe = load_recipe("tiny", ["train.distributed=fsdp"])
+    budget = planner.plan(recipe, arch, batch_size=8, ranks=4).total
+    assert [planner.largest_batch(recipe, arch, budget, ranks=r) for r in (2, 4)] == [5, 8]
+    assert planner.largest_batch(recipe, arch, budget) == 2
+    budget = planner.plan(recipe, arch, seq_len=256, ranks=4).total
+    assert (planner.largest_seq_len(recipe, arch, budget), planner.largest_seq_len(recipe, arch, budget, ranks=4)) == (
+        64, 256)
+
+
+def test_no_more_than_64_gpus_are_counted():
+    recipe, arch = load_recipe("tiny", ["train.distributed=fsdp"]), Architecture(**SMALL, tied_embeddings=False)
+    budget = planner.plan(recipe, arch, ranks=65).total  # 65 ranks would fit, 64 not
+    assert planner.plan(recipe, arch, ranks=64).total > budget
+    assert planner.gpus_needed(recipe, arch, budget) is None and planner.gpus_needed(recipe, arch, budget, 65) == 65

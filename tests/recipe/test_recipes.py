@@ -155,3 +155,122 @@ def test_family_recipe_plans_into_24_gb_offline(name):
     result = run_cli("plan", name, "--gpu-memory", "24", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "fits in 24 GiB" in result.stdout, result.stdout
+
+
+TRAIN_KEYS = ("epochs, max_steps, batch_size, fallback_batch_size, grad_accum, lr, lr_scheduler, warmup_ratio, "
+              "weight_decay, max_grad_norm, optimizer, gradient_checkpointing, attention, seed, log_steps, "
+              "eval_steps, save_steps, save_total_limit, report_to, distributed")
+
+
+@pytest.mark.parametrize(("overrides", "problems"), [
+    (["train.decay=0.1"], f"unknown key 'train.decay' (did you mean 'weight_decay'?) (valid keys here: {TRAIN_KEYS})"),
+    (["train.zzz=1"], f"unknown key 'train.zzz' (valid keys here: {TRAIN_KEYS})"),
+    (["data.eval_split=null", "data.eval_fraction=0"],
+     "recipe: data needs a held-out set: set data.eval_fraction > 0 or data.eval_split"),
+    (["lora.target_modules=[all-linear,q_proj]"],
+     "lora.target_modules: all-linear (peft's every linear layer but the output head) stands alone "
+     "(got ['all-linear', 'q_proj'])"),
+    (["data.source=null"], "data.source: Input should be a valid string (got None)"),
+])
+def test_a_bad_recipe_is_one_exact_line(overrides, problems):
+    with pytest.raises(UserError) as info:
+        load_recipe("tiny", overrides)
+    assert str(info.value) == f"{recipes_dir() / 'tiny.yaml'} (with --set {' '.join(overrides)}): {problems}"
+
+
+def test_a_missing_section_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: builtin:tiny-llama}\n")
+    with pytest.raises(UserError) as info:
+        load_recipe(str(path))
+    assert str(info.value) == f"{path}: missing required key 'data'"
+
+
+def test_the_resolved_recipe_is_written_in_section_order_one_value_a_line_as_typed():
+    description = "Café au lait, " * 6  # non-ASCII, and longer than 80 characters on its line
+    text = dump_recipe(load_recipe("tiny").model_copy(update={"description": description}))
+    assert [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")] == [
+        "name", "description", "model", "quantization", "lora", "data", "train", "merge", "serve", "eval"]
+    assert f"description: '{description}'" in text.splitlines()
+
+
+def test_lora_scaling_is_alpha_over_r_or_over_its_root_with_rslora():
+    from qlora_app.recipe.schema import lora_scaling
+
+    assert (lora_scaling(16, 64), lora_scaling(16, 64, True), lora_scaling(16.0, 4, rslora=False)) == (0.25, 2.0, 4.0)
+    assert load_recipe("tiny", ["lora.alpha=8", "lora.r=16", "lora.use_rslora=true"]).lora.scaling == 2.0
+
+
+def test_what_decides_training_and_evaluation():
+    recipe = load_recipe("tiny")
+    renamed = recipe.model_copy(update={"name": "other", "description": "another"})
+    assert renamed.training_fields() == recipe.training_fields()
+    assert list(recipe.training_fields()) == ["model", "quantization", "lora", "data", "train"]
+    assert load_recipe("tiny", ["eval.tasks=[arc_easy]"]).eval.settings() == {
+        "max_tokens": recipe.eval.max_tokens, "concurrency": recipe.eval.concurrency, "tasks": ["arc_easy"],
+        "limit": recipe.eval.limit, "drop_warning": recipe.eval.drop_warning}
+
+
+def test_overrides_set_typed_values_at_any_depth_and_leave_the_recipe_read_alone(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from qlora_app.recipe.loader import apply_overrides
+
+    monkeypatch.chdir(tmp_path)
+    raw = {"train": {"lr": 0.1}}
+    assert apply_overrides(raw, ["train.lr=0.5", "model.chat_template={{ a == b }}", "description=",
+                                 "serve.adapters.mine=./run", "data.source=./d.jsonl", "model.revision=./r",
+                                 "train.report_to=[tensorboard, wandb]"]) == {
+        "train": {"lr": 0.5, "report_to": ["tensorboard", "wandb"]},
+        "model": {"chat_template": "{{ a == b }}", "revision": "./r"}, "description": "",
+        "serve": {"adapters": {"mine": "./run"}}, "data": {"source": str(Path(tmp_path / "d.jsonl").resolve())}}
+    assert raw == {"train": {"lr": 0.1}}
+    with pytest.raises(UserError) as info:
+        apply_overrides(raw, ["train.lr.x=2"])
+    assert str(info.value) == "--set 'train.lr.x=2': 'lr' is not a section"
+
+
+def test_every_problem_is_listed_in_one_line():
+    with pytest.raises(UserError) as info:
+        load_recipe("tiny", ["lora.r=0", "train.grad_accum=0"])
+    assert str(info.value) == (f"{recipes_dir() / 'tiny.yaml'} (with --set lora.r=0 train.grad_accum=0): lora.r: Input "
+                               "should be greater than or equal to 1 (got 0); train.grad_accum: Input should be greater "
+                               "than or equal to 1 (got 0)")
+
+
+def test_recipes_come_from_the_environments_folder_else_the_source_tree(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "recipes"
+    assert recipes_dir() == shipped
+    (tmp_path / "mine.yaml").write_text((shipped / "tiny.yaml").read_text())
+    (tmp_path / "other.yml").write_text("model: {path: builtin:tiny-llama}\ndata: {source: x.jsonl, eval_fraction: 0.1}\n")
+    monkeypatch.setenv("QLORA_RECIPES_DIR", str(tmp_path))
+    assert recipes_dir() == tmp_path and list_recipes() == ["mine"]
+    assert load_recipe(str(tmp_path / "other.yml")).name == "other"
+    with pytest.raises(UserError) as info:
+        load_recipe("qqq")
+    assert str(info.value) == "unknown recipe 'qqq'; known recipes: mine"
+    (tmp_path / "qqq2.yaml").write_text("")
+    with pytest.raises(UserError) as info:
+        load_recipe("qqq")
+    assert str(info.value) == "unknown recipe 'qqq' (did you mean 'qqq2'?); known recipes: mine, qqq2"
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("model:\n  path: x\ndata:\n  source: [unclosed\n  format: text\n",
+     "{path}:5:9: malformed YAML: expected ',' or ']', but got ':'"),
+    ("- model\n- data\n", "{path}: a recipe must be a YAML mapping of sections, got list"),
+    (b"name: caf\xe9\n", "cannot read recipe {path}: 'utf-8' codec can't decode byte 0xe9 in position 9: invalid "
+                        "continuation byte"),
+    ("missing", "recipe file {path} does not exist"),
+])
+def test_a_recipe_file_that_cannot_be_read_is_one_exact_line(tmp_path, content, problem):
+    path = tmp_path / "r.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content != "missing":
+        path.write_text(content)
+    with pytest.raises(UserError) as info:
+        load_recipe(str(path))
+    assert str(info.value) == problem.format(path=path)
