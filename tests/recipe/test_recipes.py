@@ -208,7 +208,7 @@ def test_what_decides_training_and_evaluation():
     assert list(recipe.training_fields()) == ["model", "quantization", "lora", "data", "train"]
     assert load_recipe("tiny", ["eval.tasks=[arc_easy]"]).eval.settings() == {
         "max_tokens": recipe.eval.max_tokens, "concurrency": recipe.eval.concurrency, "tasks": ["arc_easy"],
-        "limit": recipe.eval.limit, "drop_warning": recipe.eval.drop_warning}
+        "limit": recipe.eval.limit, "task_limit": recipe.eval.task_limit, "drop_warning": recipe.eval.drop_warning}
 
 
 def test_overrides_set_typed_values_at_any_depth_and_leave_the_recipe_read_alone(tmp_path, monkeypatch):
