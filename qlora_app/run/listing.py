@@ -13,7 +13,7 @@ from rich.table import Table
 
 from qlora_app import console
 from qlora_app.errors import UserError
-from qlora_app.run.directory import RunDir, runs_of
+from qlora_app.run.directory import RunDir, checkpoint_step, runs_of
 
 
 def all_runs(root: Path, recipe_name: str | None) -> list[RunDir]:
@@ -24,12 +24,11 @@ def all_runs(root: Path, recipe_name: str | None) -> list[RunDir]:
     return sorted(found, key=lambda run: run.path.name, reverse=True)
 
 
-def status(run: RunDir) -> str:
-    manifest = run.read_manifest()
+def status(run: RunDir, manifest: dict) -> str:
     if manifest.get("status") == "finished":
         return "finished"
-    steps = [int(p.name.split("-")[-1]) for p in run.complete_checkpoints()]
-    return f"stopped at step {max(steps)} (resumable)" if steps else manifest.get("status", "started")
+    done = run.complete_checkpoints()  # oldest first
+    return f"stopped at step {checkpoint_step(done[-1])} (resumable)" if done else manifest.get("status", "started")
 
 
 def held_out_loss(manifest: dict) -> str:
@@ -64,7 +63,7 @@ def row(run: RunDir) -> tuple[str, ...]:
     steps = manifest.get("training", {}).get("steps")
     merged = "-" if not run.merge_report.is_file() else \
         "verified" if "verification" in read_json(run.merge_report) else "unverified"
-    return (f"{run.path.parent.name}/{run.path.name}", status(run), "-" if steps is None else str(steps),
+    return (f"{run.path.parent.name}/{run.path.name}", status(run, manifest), "-" if steps is None else str(steps),
             held_out_loss(manifest), merged, eval_summary(run))
 
 
