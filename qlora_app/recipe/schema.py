@@ -106,7 +106,11 @@ def lora_scaling(alpha: float, r: int, rslora: bool = False) -> float:
     return alpha / (r**0.5 if rslora else r)
 
 
-DataFormat = Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion"]
+DataFormat = Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion",
+                     # preference pairs (train.method dpo/orpo): prompt/chosen/rejected strings; chosen/rejected
+                     # conversations (UltraFeedback-binarized); a shared prompt with message-list answers
+                     "preference", "preference_conversations", "preference_messages"]
+PREFERENCE_FORMATS = ("preference", "preference_conversations", "preference_messages")
 
 
 class DataSpec(Section):
@@ -129,6 +133,9 @@ Attention = Literal["auto", "flash", "flex", "sdpa", "eager"]
 
 
 class TrainSpec(Section):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on demonstrations; dpo / orpo: preference tuning on "
+                           "chosen/rejected pairs (docs/preference.md).")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
     batch_size: int | Literal["auto"] = Field(
