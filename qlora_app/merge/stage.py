@@ -268,19 +268,20 @@ def write_companions(source: Path, staging: Path, run: RunDir, recipe: Recipe) -
     for path in run.adapter.iterdir():
         if path.is_file() and not path.name.startswith("adapter_") and path.name != "README.md":
             shutil.copy(path, staging / path.name)
-    keep_stop_and_pad(staging)
+    keep_stop_and_pad(staging, run.read_manifest().get("chat", {}).get("end_of_turn_id"))
 
 
-def keep_stop_and_pad(folder: Path) -> None:
+def keep_stop_and_pad(folder: Path, end_of_turn: int | None) -> None:
     """The merged model stops where its chat template ends a turn (vLLM stops at generation_config's eos ids), and
-    pads with the training tokenizer's pad, never an eos id (config.json of many bases says pad = eos)."""
+    pads with the training tokenizer's pad, never an eos id (config.json of many bases says pad = eos).
+    `end_of_turn` is the token training taught the model to end its answers with (the run's manifest)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     generation = json.loads((folder / "generation_config.json").read_text())
     eos = generation.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    eos += [i for i in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if i is not None and i not in eos]
+    eos += [i for i in (end_of_turn, tokenizer.eos_token_id) if i is not None and i not in eos]
     pad = tokenizer.pad_token_id
     if pad is None or pad in eos:
         raise UserError(f"the training tokenizer pads with an end-of-sequence token ({pad}): train the run again "
@@ -288,19 +289,6 @@ def keep_stop_and_pad(folder: Path) -> None:
     write_json_atomic(folder / "generation_config.json", {**generation, "eos_token_id": eos, "pad_token_id": pad})
     config = json.loads((folder / "config.json").read_text())
     write_json_atomic(folder / "config.json", {**config, "pad_token_id": pad})
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The special token the chat template puts right after an assistant's answer (None without a template)."""
-    if not tokenizer.chat_template:
-        return None
-    answer = "ok"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}],
-                                         tokenize=False)
-    end = text.rfind(answer) + len(answer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    special = set(tokenizer.all_special_ids)
-    return next((i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= end and i in special), None)
 
 
 def card(run: RunDir, staging: Path) -> str:

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from qlora_app.errors import UserError
+from qlora_app.machine.atomic import write_json_atomic
 from qlora_app.merge import stage
 from qlora_app.recipe.loader import load_recipe
 from qlora_app.recipe.schema import ALL_LINEAR
@@ -32,7 +33,11 @@ def untrained_run(tmp_path, tiny_model_dir) -> RunDir:
     get_peft_model(model, lora).save_pretrained(run.adapter)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         shutil.copy(tiny_model_dir / name, run.adapter / name)
+    write_json_atomic(run.manifest, {"chat": {"end_of_turn_id": EOT}})  # what training records
     return run
+
+
+EOT = 4  # the tiny Llama's <|eot_id|>
 
 
 def test_a_faithful_merge_is_published_with_its_check(untrained_run):
@@ -215,8 +220,7 @@ def test_merged_generation_stops_at_end_of_turn_and_pads_with_the_training_pad(u
     tokenizer = AutoTokenizer.from_pretrained(merged)
     generation = json.loads((merged / "generation_config.json").read_text())
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert stage.end_of_turn_id(tokenizer) == eot
-    assert eot in generation["eos_token_id"] and tokenizer.eos_token_id in generation["eos_token_id"]
+    assert eot == EOT and eot in generation["eos_token_id"] and tokenizer.eos_token_id in generation["eos_token_id"]
     assert generation["pad_token_id"] == tokenizer.pad_token_id == json.loads(
         (merged / "config.json").read_text())["pad_token_id"]
     assert sorted(p.name for p in merged.iterdir() if p.name.startswith("adapter")) == []
@@ -230,14 +234,19 @@ def model_files(tiny_model_dir, folder):
     return folder
 
 
-@pytest.mark.parametrize(("eos", "expected"), [(1, [1, 4]), ([7, 1], [7, 1, 4]), ([4], [4, 1]), (None, [4, 1])])
-def test_generation_stops_at_the_base_eos_ids_the_end_of_turn_and_eos(tmp_path, tiny_model_dir, eos, expected):
+@pytest.mark.parametrize(("eos", "end_of_turn", "expected"), [
+    (1, 4, [1, 4]), ([7, 1], 4, [7, 1, 4]), ([4], 4, [4, 1]), (None, 4, [4, 1]),
+    (1, None, [1]),  # trained on plain text: no end-of-turn token
+    (1, 9, [1, 9]),  # whatever token training ended answers with, special to the tokenizer or not
+])
+def test_generation_stops_at_the_base_eos_ids_the_end_of_turn_and_eos(tmp_path, tiny_model_dir, eos, end_of_turn,
+                                                                      expected):
     folder = model_files(tiny_model_dir, tmp_path / "folder")
     generation = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": eos}))
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "pad_token_id"}))
-    stage.keep_stop_and_pad(folder)
+    stage.keep_stop_and_pad(folder, end_of_turn)
     written = json.loads((folder / "generation_config.json").read_text())
     assert written == {**generation, "eos_token_id": expected, "pad_token_id": 5}  # <|eot_id|> is 4, <|pad|> 5
     assert json.loads((folder / "config.json").read_text())["pad_token_id"] == 5
@@ -249,13 +258,9 @@ def test_a_tokenizer_that_pads_with_end_of_sequence_is_refused(untrained_run, ti
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|eot_id|>"}))
     pad = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
     pad_id = next(t["id"] for t in pad if t["content"] == "<|eot_id|>")
-    assert message(stage.keep_stop_and_pad, folder) == (
+    assert message(stage.keep_stop_and_pad, folder, EOT) == (
         f"the training tokenizer pads with an end-of-sequence token ({pad_id}): train the run again with this "
         "version of qlora-app")
-    (folder / "chat_template.jinja").unlink()
-    from transformers import AutoTokenizer
-
-    assert stage.end_of_turn_id(AutoTokenizer.from_pretrained(folder)) is None
 
 
 def test_merge_refuses_a_run_it_cannot_merge(untrained_run):
@@ -397,3 +402,30 @@ def test_the_check_refuses_past_the_logit_tolerance_and_warns_past_the_loss_incr
     assert warned == ("" if outcome == "accepted" else
                       "warning: the merged model's held-out loss (1.0101) is more than 1.0% above the adapter on its "
                       "4-bit base (1.0000): it answers somewhat differently from the model that was trained")
+
+
+def test_a_shard_keeps_its_integer_tensors_and_casts_and_merges_the_float_ones(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weight, steps = torch.randn(4, 3), torch.arange(5, dtype=torch.int64)
+    save_file({"w.weight": weight, "rotary.steps": steps, "other.weight": torch.ones(2)}, tmp_path / "in.safetensors")
+    delta = stage.Delta(lora_a=torch.ones(1, 3), lora_b=torch.full((4, 1), 0.5))
+    recipe = load_recipe("tiny")
+    stage.merge_shard(tmp_path / "in.safetensors", tmp_path / "out.safetensors", {"w.weight": delta}, 2.0,
+                      "float16", frozenset(), recipe)
+    out = load_file(tmp_path / "out.safetensors")
+    assert out["rotary.steps"].dtype == torch.int64 and out["rotary.steps"].tolist() == steps.tolist()
+    assert out["other.weight"].dtype == torch.float16
+    assert torch.equal(out["w.weight"], (weight.half().float() + 1.0).half())
+
+
+def test_the_merged_config_names_the_merge_dtype_and_stale_staging_is_cleared(untrained_run):
+    stale, unrelated = untrained_run.path / ".merged-killed", untrained_run.path / ".other-kept"
+    stale.mkdir()
+    unrelated.mkdir()
+    merged = stage.merge(untrained_run, untrained_run.recipe().merge.model_copy(update={"dtype": "float16"}),
+                         verify=False)
+    config = json.loads((merged / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float16"
+    assert not stale.exists() and unrelated.is_dir()
