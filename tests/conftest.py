@@ -88,6 +88,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+def cli_in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The same `qlora-app` command run in this process by click's runner: a fraction of a second where a fresh
+    interpreter costs seconds, for the many one-line-error tests. What only a fresh process shows (start-up,
+    imports, signals, the Hub's endpoint read at import) stays with run_cli. An exception that escapes is
+    rendered as the interpreter would print it, so "no traceback" is still checked."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from qlora_app.cli import main
+
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "Traceback (most recent call last):\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+
 SECRET = "hf_TESTSECRETdoNotLeak123456789"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli_in_process
 
 from qlora_app.data.encoding import IGNORE, chat_examples, encode, load_tokenizer, set_pad_token
 from qlora_app.data.sources import load_splits
@@ -233,7 +233,7 @@ def test_train_refuses_a_system_message_the_template_rejects_in_one_line(tmp_pat
     recipe["model"]["chat_template"] = GEMMA_LIKE
     recipe["data"] |= {"source": str(source), "eval_split": None, "eval_fraction": 0.2}
     (tmp_path / "gemma-like.yaml").write_text(yaml.safe_dump(recipe))
-    result = run_cli("train", str(tmp_path / "gemma-like.yaml"), "--runs-dir", str(tmp_path / "runs"))
+    result = cli_in_process("train", str(tmp_path / "gemma-like.yaml"), "--runs-dir", str(tmp_path / "runs"))
     assert_one_line_error(result, f"{source}:5: the chat template rejects this conversation: "
                                   "System role not supported")
     assert not (tmp_path / "runs").exists()

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, run_cli, tiny_facts
+from conftest import assert_one_line_error, cli_in_process, tiny_facts
 
 from qlora_app.data.encoding import encode, load_tokenizer
 from qlora_app.data.sources import load_splits
@@ -112,25 +112,26 @@ BAD_DATA = {
 def test_bad_data_gets_one_line_and_exit_2_before_any_model_loads(tmp_path, case):
     content, expected = BAD_DATA[case]
     (tmp_path / "bad.jsonl").write_text(content)
-    result = run_cli("train", "tiny", "--set", f"data.source={tmp_path / 'bad.jsonl'}", "--set", "data.format=messages",
-                     "--runs-dir", str(tmp_path / "runs"))
+    result = cli_in_process("train", "tiny", "--set", f"data.source={tmp_path / 'bad.jsonl'}", "--set",
+                            "data.format=messages", "--runs-dir", str(tmp_path / "runs"))
     assert_one_line_error(result, expected)
     assert not (tmp_path / "runs").exists()  # nothing was created for a run that could not start
 
 
 def test_unknown_format_lists_what_is_expected(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    result = run_cli("train", "tiny", "--set", f"data.source={tmp_path / 'bad.jsonl'}", "--set", "data.format=auto")
+    result = cli_in_process("train", "tiny", "--set", f"data.source={tmp_path / 'bad.jsonl'}", "--set",
+                            "data.format=auto")
     assert_one_line_error(result, "no known data format in columns question, answer", "messages: messages")
 
 
 def test_missing_file(tmp_path):
-    result = run_cli("train", "tiny", "--set", f"data.source={tmp_path / 'nope.jsonl'}")
+    result = cli_in_process("train", "tiny", "--set", f"data.source={tmp_path / 'nope.jsonl'}")
     assert_one_line_error(result, f"data file {tmp_path / 'nope.jsonl'} does not exist")
 
 
 def test_every_example_too_long(tmp_path):
-    result = run_cli("train", "tiny", "--set", "data.max_length=16")
+    result = cli_in_process("train", "tiny", "--set", "data.max_length=16")
     assert_one_line_error(result, "all 40 examples are longer than data.max_length=16")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, Background, assert_one_line_error, free_port, run_cli
+from conftest import REPO, Background, assert_one_line_error, cli_in_process, free_port, run_cli
 
 from qlora_app.model.architecture import SHIPPED_DIR, Architecture, load_architecture
 from qlora_app.model.families import FAMILIES
@@ -147,8 +147,8 @@ def recipe_on(tmp_path: Path, model: Path, **lora) -> Path:
 @pytest.mark.parametrize("command", ["plan", "show", "train"])
 def test_an_unchecked_family_is_refused_in_one_line_before_weights(command, tmp_path):
     gpt2 = model_folder(tmp_path, {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2})
-    result = run_cli(command, str(recipe_on(tmp_path, gpt2)), "--runs-dir", str(tmp_path)) if command == "train" \
-        else run_cli(command, str(recipe_on(tmp_path, gpt2)))
+    result = cli_in_process(command, str(recipe_on(tmp_path, gpt2)), "--runs-dir", str(tmp_path)) if command == "train" \
+        else cli_in_process(command, str(recipe_on(tmp_path, gpt2)))
     assert_one_line_error(result, "model_type 'gpt2' is not supported",
                           *(f"{f.name} ({f.model_type})" for f in FAMILIES))
     assert not (tmp_path / "other").exists()  # train made no run directory
@@ -156,14 +156,14 @@ def test_an_unchecked_family_is_refused_in_one_line_before_weights(command, tmp_
 
 def test_multimodal_gemma3_is_refused_with_the_reason(tmp_path):
     gemma = model_folder(tmp_path, {"model_type": "gemma3", "text_config": {"hidden_size": 2560}})
-    assert_one_line_error(run_cli("plan", str(recipe_on(tmp_path, gemma))), "vision tower", "gemma3_text")
+    assert_one_line_error(cli_in_process("plan", str(recipe_on(tmp_path, gemma))), "vision tower", "gemma3_text")
 
 
 def test_lora_targets_outside_the_family_are_refused_at_plan(tmp_path):
     from qlora_app.model.tiny import materialize
 
     phi = materialize("builtin:tiny-phi3")
-    assert_one_line_error(run_cli("plan", str(recipe_on(tmp_path, phi))), "['q_proj', 'k_proj', 'v_proj'",
+    assert_one_line_error(cli_in_process("plan", str(recipe_on(tmp_path, phi))), "['q_proj', 'k_proj', 'v_proj'",
                           "qkv_proj, o_proj, gate_up_proj, down_proj")
 
 

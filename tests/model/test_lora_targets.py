@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli_in_process
 
 from qlora_app.errors import UserError
 from qlora_app.model.architecture import load_architecture
@@ -21,8 +21,8 @@ def test_the_linear_layers_come_from_the_config_alone():
 def test_a_target_the_model_does_not_have_is_one_line_before_a_run_directory(tmp_path, targets):
     """v_prj beside q_proj used to be dropped silently (an adapter on q_proj only, exit 0); alone, a peft
     traceback after the model loaded."""
-    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--set", f"lora.target_modules={targets}",
-                     "--set", "train.max_steps=1")
+    result = cli_in_process("train", "tiny", "--runs-dir", str(tmp_path), "--set",
+                            f"lora.target_modules={targets}", "--set", "train.max_steps=1")
     assert_one_line_error(result, "lora.target_modules", "no linear layer named v_prj", "q_proj, up_proj, v_proj")
     assert not any(tmp_path.iterdir())
 

@@ -107,7 +107,9 @@ def test_packed_row_trains_like_its_examples_one_by_one(family, implementation):
         torch.testing.assert_close(packed_grads[name], alone_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize(("family", "implementation"), [*PACKED_PATHS, ("llama", "flex_attention")])
+# flex_attention compiles its kernels on first use: most of a minute on 2 cores, so that case is slow
+@pytest.mark.parametrize(("family", "implementation"),
+                         [*PACKED_PATHS, pytest.param("llama", "flex_attention", marks=pytest.mark.slow)])
 def test_packed_examples_never_see_each_other(family, implementation):
     model = tiny_lora_model(implementation, family)
     rows = examples()

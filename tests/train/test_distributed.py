@@ -56,18 +56,18 @@ def test_grad_accum_that_cannot_be_split_is_refused():
 
 
 def test_train_refuses_a_batch_it_cannot_keep_before_anything_loads(tmp_path):
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli_in_process
 
-    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "2")  # tiny: grad_accum 1
+    result = cli_in_process("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "2")  # tiny: grad_accum 1
     assert_one_line_error(result, "train.grad_accum=1 cannot be split over 2 ranks")
     assert not (tmp_path / "tiny").exists()
 
 
 def test_plan_refuses_the_gpu_count_train_would_refuse():
     """llama3-8b keeps 16 rows per update with grad_accum 4: 3 GPUs cannot share that, in plan as in train."""
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli_in_process
 
-    assert_one_line_error(run_cli("plan", "llama3-8b", "--gpus", "3"), "train.grad_accum=4 cannot be split over 3")
+    assert_one_line_error(cli_in_process("plan", "llama3-8b", "--gpus", "3"), "train.grad_accum=4 cannot be split over 3")
 
 
 def test_fsdp_recipe_shards_the_4bit_base_with_low_ram_loading(monkeypatch):
@@ -98,9 +98,9 @@ def test_a_gpu_count_that_is_not_a_plain_number_is_one_line(gpus):
 
 
 def test_superscript_gpu_count_is_one_line_before_a_run_directory(tmp_path):
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli_in_process
 
-    assert_one_line_error(run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "²"), "--gpus ²")
+    assert_one_line_error(cli_in_process("train", "tiny", "--runs-dir", str(tmp_path), "--gpus", "²"), "--gpus ²")
     assert not any(tmp_path.iterdir())
 
 
@@ -122,9 +122,9 @@ def test_resume_advice_names_gpus_per_node_and_nodes(ranks, per_node, flags):
 
 
 def test_several_nodes_without_an_address_are_refused_before_a_run_directory(tmp_path):
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli_in_process
 
-    result = run_cli("train", "tiny", "--runs-dir", str(tmp_path), "--nodes", "2", "--set", "train.grad_accum=2")
+    result = cli_in_process("train", "tiny", "--runs-dir", str(tmp_path), "--nodes", "2", "--set", "train.grad_accum=2")
     assert_one_line_error(result, "--master-addr")
     assert not any(tmp_path.iterdir())
 
