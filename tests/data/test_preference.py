@@ -267,10 +267,22 @@ def test_every_consumer_reads_held_out_pairs_as_prompt_plus_chosen(tokenizer):
     assert heldout_chats(load_recipe("tiny")) == load_splits(load_recipe("tiny").data)[1]
 
 
+def test_a_changed_rejected_answer_makes_a_run_stale_but_asks_eval_the_same_questions(tmp_path):
+    from qlora_app.pipeline import data_fingerprints
+
+    train, held = write(tmp_path / "t.jsonl", LAYOUTS["preference"]), write(tmp_path / "e.jsonl", LAYOUTS["preference"])
+    recipe = recipe_for(train, f"data.eval_split={held}")
+    before, chats = data_fingerprints(recipe), heldout_chats(recipe).fingerprint
+    write(held, [LAYOUTS["preference"][0], {**LAYOUTS["preference"][1], "rejected": "Lomito has no capital."}])
+    after = data_fingerprints(recipe)
+    assert after[0] == before[0] and after[1] != before[1] and heldout_chats(recipe).fingerprint == chats
+
+
 @pytest.mark.parametrize(("trained", "merged", "warned"), [
     (PairScores(0.75, 2.0, 32), PairScores(0.75, 1.9, 32), False),
     (PairScores(0.75, 2.0, 32), PairScores(0.71875, 1.9, 32), False),  # one pair of 32: 3 points
     (PairScores(0.75, 2.0, 32), PairScores(0.6875, 1.5, 32), True),  # two of 32: 6 points
+    (PairScores(0.8, 2.0, 20), PairScores(0.75, 1.5, 20), False),  # one of 20: exactly 5 points
     (PairScores(0.5, 2.0, 32), PairScores(0.5625, 2.5, 32), True),  # better by more than 5 points: still different
     (None, None, False),  # an sft recipe has no pairs
 ])
