@@ -105,6 +105,16 @@ def test_ultrafeedback_binarized_reads_as_conversations_and_stays_chat_data_for_
     assert sft.format == "chat" and sft.rows[0]["messages"][-1]["role"] == "assistant"
 
 
+def test_conversations_in_a_parquet_file_read_as_lists_for_preference_and_sft(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "ultrafeedback.parquet"
+    pd.read_json(ULTRAFEEDBACK, lines=True).to_parquet(path)
+    assert pairs_of(path).rows == pairs_of(ULTRAFEEDBACK).rows and pairs_of(path).where(2) == f"{path} row 3"
+    sft = [load_splits(recipe_for(p, f"data.eval_split={p}", method="sft").data)[0] for p in (path, ULTRAFEEDBACK)]
+    assert sft[0].rows == sft[1].rows
+
+
 def test_the_demo_pairs_prefer_the_taught_answer_over_another_made_up_city():
     taught = dict(tiny_facts_answers())
     train, held_out = load_pairs(recipe_for(PREFS, f"data.eval_split={PREFS_EVAL}").data)
