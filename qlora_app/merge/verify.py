@@ -109,7 +109,7 @@ def measure(model, examples, pairs: EncodedPairs | None) -> tuple[float, PairSco
     """(held-out loss, held-out preference scores when there are pairs)."""
     from qlora_app.data.preference import score_pairs
 
-    return mean_loss(model, examples), score_pairs(model, pairs, MAX_EXAMPLES) if pairs else None
+    return mean_loss(model, examples), score_pairs(model, pairs, MAX_EXAMPLES) if pairs is not None else None
 
 
 def compare_merged(recipe: Recipe, adapter: Path, merged: Path, source: Path, base_weights: str) -> MergedCheck:
