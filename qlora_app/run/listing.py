@@ -82,5 +82,5 @@ def runs_command(recipe_name: str | None, root: Path) -> None:
     runs = all_runs(root, recipe_name)
     if not runs:
         where = f"of recipe '{recipe_name}' " if recipe_name else ""
-        raise UserError(f"no run {where}under {root}: train one first with: qlora-app train RECIPE")
+        raise UserError(f"no run {where}under {root}: train one first with: qlora-app train {recipe_name or 'RECIPE'}")
     console.out.print(runs_table(runs, root))

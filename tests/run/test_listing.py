@@ -57,6 +57,7 @@ def test_the_command_prints_the_table_and_an_empty_root_is_one_line(tmp_path):
     make_run(tmp_path, "tiny", "20261201-000000-x", {"status": "finished"})
     result = run_cli("runs", "--runs-dir", str(tmp_path))
     assert result.returncode == 0 and "tiny/20261201-000000-x" in result.stdout and "finished" in result.stdout
-    assert_one_line_error(run_cli("runs", "--runs-dir", str(tmp_path / "none")), "no run under")
+    assert_one_line_error(run_cli("runs", "--runs-dir", str(tmp_path / "none")), "no run under",
+                          "qlora-app train RECIPE")
     assert_one_line_error(run_cli("runs", "--recipe", "other", "--runs-dir", str(tmp_path)),
-                          "no run of recipe 'other' under")
+                          "no run of recipe 'other' under", "qlora-app train other")
