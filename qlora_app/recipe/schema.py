@@ -130,6 +130,10 @@ VLLM_LORA_RANKS = get_args(VllmLoraRank)  # the ranks vLLM's --max-lora-rank acc
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Attention = Literal["auto", "flash", "flex", "sdpa", "eager"]
+# trl 1.16's DPO losses that need no further setting (exo_pair needs label smoothing; sft is no preference loss).
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
+                  "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+PREFERENCE_SETTINGS = ("beta", "loss_type", "init_adapter")
 
 
 class TrainSpec(Section):
@@ -165,6 +169,35 @@ class TrainSpec(Section):
         "ddp", description="With --gpus N: ddp keeps the whole 4-bit base on every GPU and all-reduces the LoRA "
                            "gradients; fsdp shards the base, the adapters and the optimizer over the GPUs (a model "
                            "larger than one card). One GPU ignores it.")
+
+    beta: float | None = Field(
+        None, gt=0, description="dpo / orpo: how far the policy may move from the reference (DPO's beta, ORPO's "
+                                "lambda); null: 0.1.")
+    loss_type: DpoLoss | None = Field(None, description="dpo: trl's DPO loss; null: sigmoid (the DPO paper's).")
+    init_adapter: str | None = Field(
+        None, description="dpo / orpo: start from a finished run's adapter (a run directory, or a recipe name: its "
+                          "latest finished run) with the same model, quantization and lora; null: a new adapter.")
+
+    @model_validator(mode="after")
+    def _preference_settings(self) -> TrainSpec:
+        given = [name for name in PREFERENCE_SETTINGS if getattr(self, name) is not None]
+        if self.method == "sft" and given:
+            raise ValueError(f"{', '.join('train.' + n for n in given)} apply to method dpo or orpo, not sft")
+        if self.method == "orpo" and self.loss_type is not None:
+            raise ValueError("train.loss_type applies to method dpo; orpo has one loss (set train.beta)")
+        return self
+
+    @property
+    def preference_beta(self) -> float:
+        return 0.1 if self.beta is None else self.beta
+
+    @property
+    def preference_loss(self) -> str:
+        return self.loss_type or "sigmoid"
+
+    @property
+    def preference(self) -> bool:
+        return self.method != "sft"
 
     @field_validator("batch_size")
     @classmethod
@@ -274,6 +307,11 @@ class Recipe(Section):
     def _check_cross_fields(self) -> Recipe:
         if self.data.eval_split is None and self.data.eval_fraction == 0:
             raise ValueError("data needs a held-out set: set data.eval_fraction > 0 or data.eval_split")
+        preference_data = self.data.format in PREFERENCE_FORMATS
+        if self.data.format != "auto" and preference_data != self.train.preference:
+            wanted = "a preference format or auto" if self.train.preference else "a non-preference format or auto"
+            raise ValueError(f"data.format={self.data.format} does not fit train.method={self.train.method} "
+                             f"(it takes {wanted})")
         if self.merge.base_weights == "dequantized" and not self.quantization.enabled:
             raise ValueError("merge.base_weights=dequantized rounds the base to NF4, but this recipe trains on "
                              "16-bit weights (quantization.enabled: false): use 'original' or 'auto'")
