@@ -140,6 +140,13 @@ class TrainSpec(Section):
     method: Literal["sft", "dpo", "orpo"] = Field(
         "sft", description="sft: supervised fine-tuning on demonstrations; dpo / orpo: preference tuning on "
                            "chosen/rejected pairs (docs/preference.md).")
+    beta: float | None = Field(
+        None, gt=0, description="dpo / orpo: how far the policy may move from the reference (DPO's beta, ORPO's "
+                                "lambda); null: 0.1.")
+    loss_type: DpoLoss | None = Field(None, description="dpo: trl's DPO loss; null: sigmoid (the DPO paper's).")
+    init_adapter: str | None = Field(
+        None, description="dpo / orpo: start from a finished run's adapter (a run directory, or a recipe name: its "
+                          "latest finished run) with the same model, quantization and lora; null: a new adapter.")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
     batch_size: int | Literal["auto"] = Field(
@@ -169,14 +176,6 @@ class TrainSpec(Section):
         "ddp", description="With --gpus N: ddp keeps the whole 4-bit base on every GPU and all-reduces the LoRA "
                            "gradients; fsdp shards the base, the adapters and the optimizer over the GPUs (a model "
                            "larger than one card). One GPU ignores it.")
-
-    beta: float | None = Field(
-        None, gt=0, description="dpo / orpo: how far the policy may move from the reference (DPO's beta, ORPO's "
-                                "lambda); null: 0.1.")
-    loss_type: DpoLoss | None = Field(None, description="dpo: trl's DPO loss; null: sigmoid (the DPO paper's).")
-    init_adapter: str | None = Field(
-        None, description="dpo / orpo: start from a finished run's adapter (a run directory, or a recipe name: its "
-                          "latest finished run) with the same model, quantization and lora; null: a new adapter.")
 
     @model_validator(mode="after")
     def _preference_settings(self) -> TrainSpec:
