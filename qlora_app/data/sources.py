@@ -16,7 +16,7 @@ from typing import Any
 
 from qlora_app.errors import UserError
 from qlora_app.hub import access
-from qlora_app.recipe.schema import DataSpec
+from qlora_app.recipe.schema import PREFERENCE_FORMATS, DataSpec
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 FORMAT_COLUMNS = {  # detection order matters: the first whose columns are all present wins
@@ -53,13 +53,16 @@ class Records:
 
 def load_splits(spec: DataSpec) -> tuple[Records, Records]:
     """(train, eval) records, validated and normalized."""
-    train_raw, origin = read_source(spec.source, spec.split)
-    fmt = detect_format(spec.format, train_raw, origin)
-    train = normalize(train_raw, fmt, origin)
+    return load_with(spec, lambda raw, origin: normalize(raw, detect_format(spec.format, raw, origin), origin))
+
+
+def load_with(spec: DataSpec, convert: Callable[[list[tuple[str, dict]], str], Records]) -> tuple[Records, Records]:
+    """(train, eval) records, each split read and turned into Records by `convert(raw rows, origin)`: the
+    eval split when one is named (a split of the source, or a local file), else a held-out fraction of train."""
+    train = convert(*read_source(spec.source, spec.split))
     if spec.eval_split:
-        eval_raw, eval_origin = read_source(spec.source, spec.eval_split) if not _is_local(spec.eval_split) \
-            else read_source(spec.eval_split, "train")
-        return train, normalize(eval_raw, detect_format(spec.format, eval_raw, eval_origin), eval_origin)
+        return train, convert(*(read_source(spec.source, spec.eval_split) if not _is_local(spec.eval_split)
+                                else read_source(spec.eval_split, "train")))
     return split_off_eval(train, spec.eval_fraction)
 
 
@@ -165,6 +168,9 @@ def _read_hub(dataset_id: str, split: str) -> list[tuple[str, dict]]:
 
 def detect_format(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str:
     columns = list(rows[0][1])
+    if wanted in PREFERENCE_FORMATS:
+        raise UserError(f"{origin}: data.format '{wanted}' is preference data, which supervised fine-tuning cannot "
+                        "learn from: set train.method: dpo (or orpo)")
     if wanted != "auto":
         missing = [c for c in FORMAT_COLUMNS[wanted] if c not in columns]
         if missing:
@@ -174,6 +180,9 @@ def detect_format(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str
     for fmt, needed in FORMAT_COLUMNS.items():
         if all(c in columns for c in needed):
             return fmt
+    if "chosen" in columns and "rejected" in columns:
+        raise UserError(f"{origin}: this looks like preference data (columns {', '.join(columns)}): set "
+                        "train.method: dpo (or orpo)")
     expected = "; ".join(f"{fmt}: {'+'.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
     raise UserError(f"{origin}: no known data format in columns {', '.join(columns)} (expected {expected})")
 
@@ -232,8 +241,17 @@ def _from_text(record: dict) -> dict:
 
 
 def _check_turns(turns: Any, role_key: str, content_key: str) -> list[dict]:
+    clean = check_messages(turns, role_key, content_key)
+    if not any(t["role"] == "assistant" for t in clean):
+        raise ValueError("no assistant turn to learn from")
+    return clean
+
+
+def check_messages(turns: Any, role_key: str = "role", content_key: str = "content",
+                   name: str = "messages") -> list[dict]:
+    """The turns as {role, content[, reasoning_content]}, each with a known role and non-empty text."""
     if not isinstance(turns, list) or not turns:
-        raise TypeError("messages must be a non-empty list of {role, content} turns")
+        raise TypeError(f"{name} must be a non-empty list of {{role, content}} turns")
     clean = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
@@ -243,8 +261,6 @@ def _check_turns(turns: Any, role_key: str, content_key: str) -> list[dict]:
         if not isinstance(turn[content_key], str) or not turn[content_key].strip():
             raise ValueError(f"turn {i} ({turn[role_key]}): content must be a non-empty string")
         clean.append({"role": turn[role_key], "content": turn[content_key], **_reasoning(turn, i)})
-    if not any(t["role"] == "assistant" for t in clean):
-        raise ValueError("no assistant turn to learn from")
     return clean
 
 
