@@ -181,7 +181,8 @@ class TrainSpec(Section):
     def _preference_settings(self) -> TrainSpec:
         given = [name for name in PREFERENCE_SETTINGS if getattr(self, name) is not None]
         if self.method == "sft" and given:
-            raise ValueError(f"{', '.join('train.' + n for n in given)} apply to method dpo or orpo, not sft")
+            raise ValueError(f"{', '.join('train.' + n for n in given)}: only for train.method dpo or orpo (this "
+                             "recipe trains sft); remove them or set train.method")
         if self.method == "orpo" and self.loss_type is not None:
             raise ValueError("train.loss_type applies to method dpo; orpo has one loss (set train.beta)")
         return self

@@ -146,14 +146,14 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     """Everything checked before weights load; the run directory, created once the data is known to be good."""
     check_driver()
     check_report_to(recipe)
+    if recipe.train.preference and not resume:
+        from qlora_app.train.preference import resolve_init_run
+
+        resolve_init_run(recipe, root)  # a finished run of the same model and LoRA shape, before anything loads
     load_architecture(recipe.model)  # a supported family, else one line naming those that are
     check_target_modules(recipe)  # names the model has (peft drops a typo silently)
     check_recipe(recipe)  # LoRA on the family's projections, the ones vLLM serves adapters on
     run = find_resumable(recipe, root, resume, ranks) if resume else None
-    if recipe.train.preference and run is None:
-        from qlora_app.train.preference import resolve_init_run
-
-        resolve_init_run(recipe, root)  # a finished run of the same model and LoRA shape, before weights load
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     if run is not None:
