@@ -307,11 +307,6 @@ class Recipe(Section):
     def _check_cross_fields(self) -> Recipe:
         if self.data.eval_split is None and self.data.eval_fraction == 0:
             raise ValueError("data needs a held-out set: set data.eval_fraction > 0 or data.eval_split")
-        preference_data = self.data.format in PREFERENCE_FORMATS
-        if self.data.format != "auto" and preference_data != self.train.preference:
-            wanted = "a preference format or auto" if self.train.preference else "a non-preference format or auto"
-            raise ValueError(f"data.format={self.data.format} does not fit train.method={self.train.method} "
-                             f"(it takes {wanted})")
         if self.merge.base_weights == "dequantized" and not self.quantization.enabled:
             raise ValueError("merge.base_weights=dequantized rounds the base to NF4, but this recipe trains on "
                              "16-bit weights (quantization.enabled: false): use 'original' or 'auto'")

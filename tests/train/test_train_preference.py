@@ -30,8 +30,6 @@ from qlora_app.train.preference import resolve_init_run
     ("tiny-orpo", ["train.loss_type=ipo"], "train.loss_type applies to method dpo; orpo has one loss"),
     ("tiny-dpo", ["train.loss_type=exo_pair"], "train.loss_type: Input should be 'sigmoid', 'hinge', 'ipo'"),
     ("tiny-dpo", ["train.beta=0"], "train.beta: Input should be greater than 0"),
-    ("tiny-dpo", ["data.format=messages"], "data.format=messages does not fit train.method=dpo"),
-    ("tiny", ["data.format=preference"], "data.format=preference does not fit train.method=sft"),
 ])
 def test_preference_settings_are_checked_in_one_line(recipe, overrides, problem):
     with pytest.raises(UserError) as info:
