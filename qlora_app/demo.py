@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.table import Table
 
 from qlora_app import console
-from qlora_app.data.sources import load_splits
+from qlora_app.data.splits import chat_splits
 from qlora_app.pipeline import ensure_merged, ensure_trained
 from qlora_app.recipe.loader import load_recipe
 from qlora_app.serve.auth import KEY_ENV
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def taught_pairs(recipe, n: int) -> list[tuple[list[dict], str]]:
     """n (prompt messages, taught answer) pairs from the training data, the same n every time (seeded)."""
-    rows = load_splits(recipe.data)[0].rows
+    rows = chat_splits(recipe)[0].rows  # a preference pair: its prompt and chosen answer
     picked = random.Random(recipe.train.seed).sample(rows, min(n, len(rows)))
     return [(row["messages"][:-1], row["messages"][-1]["content"]) for row in picked]
 

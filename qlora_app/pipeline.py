@@ -17,9 +17,9 @@ from qlora_app.run.directory import RunDir, runs_of
 
 
 def data_fingerprints(recipe: Recipe) -> tuple[str, str]:
-    from qlora_app.data.sources import load_splits
+    from qlora_app.data.splits import training_splits
 
-    train, held_out = load_splits(recipe.data)
+    train, held_out = training_splits(recipe)
     return train.fingerprint, held_out.fingerprint
 
 

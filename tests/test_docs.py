@@ -224,16 +224,19 @@ def test_continuations_comments_and_chains_are_read(tmp_path):
 # --- data formats and errors --------------------------------------------------------------------------------
 
 def test_the_data_format_examples_are_read_as_their_format():
+    import json
+
+    from qlora_app.data.preference import detect_layout, normalize_pairs
     from qlora_app.data.sources import FORMAT_COLUMNS, detect_format, normalize
+    from qlora_app.recipe.schema import PREFERENCE_FORMATS
 
     rows = re.findall(r"^\| `(\w+)` \| .* \| `(\{.*\})` \|$", (REPO / "docs" / "recipes.md").read_text(), re.MULTILINE)
-    assert sorted(name for name, _ in rows) == sorted(FORMAT_COLUMNS)
+    assert sorted(name for name, _ in rows) == sorted([*FORMAT_COLUMNS, *PREFERENCE_FORMATS])
     for name, example in rows:
-        import json
-
         record = [("example", json.loads(example))]
-        assert detect_format("auto", record, "example") == name
-        normalize(record, name, "example")
+        detect, read = (detect_layout, normalize_pairs) if name in PREFERENCE_FORMATS else (detect_format, normalize)
+        assert detect("auto", record, "example") == name
+        read(record, name, "example")
 
 
 def literal_parts(node: ast.expr) -> list[str]:
@@ -250,7 +253,8 @@ def raised_messages() -> list[tuple[str, str]]:
     found = []
     for path in sorted((REPO / "qlora_app").rglob("*.py")):
         relative = str(path.relative_to(REPO))
-        user_facing_value_errors = relative in ("qlora_app/recipe/schema.py", "qlora_app/data/sources.py")
+        user_facing_value_errors = relative in ("qlora_app/recipe/schema.py", "qlora_app/data/sources.py",
+                                                "qlora_app/data/preference.py")
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and node.args):

@@ -146,8 +146,19 @@ def _read_table(path: Path) -> list[tuple[str, dict]]:
     except Exception as exc:  # pandas and pyarrow raise many types for a broken file
         raise UserError(f"{path}: cannot read {path.suffix[1:]} ({str(exc).splitlines()[0]})") from None
     offset = 2 if path.suffix == ".csv" else 1  # csv: line 1 is the header
-    return [(f"{path}:{i + offset}" if path.suffix == ".csv" else f"{path} row {i + 1}", r)
+    return [(f"{path}:{i + offset}" if path.suffix == ".csv" else f"{path} row {i + 1}", _plain(r))
             for i, r in enumerate(frame.to_dict(orient="records"))]
+
+
+def _plain(value: Any) -> Any:
+    """Parquet's list columns (messages, chosen/rejected conversations) come back as numpy arrays: as lists."""
+    import numpy
+
+    if isinstance(value, numpy.ndarray):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _read_hub(dataset_id: str, split: str) -> list[tuple[str, dict]]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from qlora_app import console
-from qlora_app.data.sources import load_splits
+from qlora_app.data.splits import heldout_chats
 from qlora_app.eval.general import comparisons, completions_model, drops, load_tasks, print_general, run_tasks
 from qlora_app.eval.generate import answer_all, questions
 from qlora_app.eval.metrics import MODELS, score, sentence_chrf, table, worst_table
@@ -38,7 +38,7 @@ def tuned_name(recipe: Recipe) -> str:
 
 def fingerprint(run: RunDir, recipe: Recipe) -> dict:
     """What decides eval.json: the adapter, the held-out data and the eval settings."""
-    return {"adapter_sha256": adapter_fingerprint(run), "data_fingerprint": load_splits(recipe.data)[1].fingerprint,
+    return {"adapter_sha256": adapter_fingerprint(run), "data_fingerprint": heldout_chats(recipe).fingerprint,
             "settings": recipe.eval.settings()}
 
 
@@ -55,7 +55,7 @@ def evaluate(run: RunDir, recipe: Recipe, root: Path) -> dict:
     """Answer the held-out questions with base and tuned, run the general tasks on both, score, write eval.json
     and the card; print."""
     spec = recipe.eval
-    asked = questions(load_splits(recipe.data)[1].rows, spec.limit)
+    asked = questions(heldout_chats(recipe).rows, spec.limit)  # a pair: its chosen answer
     task_dict, skipped = load_tasks(spec.tasks) if spec.tasks else ({}, [])  # before the server: data, typos
     for line in skipped:
         console.note(line)

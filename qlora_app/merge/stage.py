@@ -21,7 +21,14 @@ from qlora_app.errors import UserError
 from qlora_app.hub import access
 from qlora_app.machine.atomic import clean_stale, staged_dir, write_json_atomic, write_text_atomic
 from qlora_app.merge.safetensors_stream import DTYPES, StreamWriter, entries, iter_tensors, read_header
-from qlora_app.merge.verify import LOGIT_TOLERANCE, AdapterLosses, MergedCheck, adapter_losses, compare_merged
+from qlora_app.merge.verify import (
+    LOGIT_TOLERANCE,
+    AdapterLosses,
+    MergedCheck,
+    adapter_losses,
+    compare_merged,
+    preference_warning,
+)
 from qlora_app.model import tiny
 from qlora_app.model.loading import nf4_round_trip, quantized_weight_names
 from qlora_app.recipe.schema import MergeSpec, Recipe, lora_scaling
@@ -128,10 +135,22 @@ def check_merged(recipe: Recipe, run: RunDir, staging: Path, source: Path, losse
         console.warn(f"the merged model's held-out loss ({check.loss_merged:.4f}) is more than "
                      f"{recipe.merge.max_loss_increase:.1%} above the adapter on its 4-bit base ({trained:.4f}): "
                      "it answers somewhat differently from the model that was trained")
+    if warning := preference_warning(losses.preference, check.preference):
+        console.warn(warning)
     return {"examples": losses.examples, "max_logit_diff": check.max_logit_diff,
             "relative_logit_diff": check.relative_logit_diff, "loss_adapter_on_4bit": losses.on_4bit,
             "loss_adapter_on_original": losses.on_original, "loss_adapter_on_dequantized": losses.on_dequantized,
-            "loss_merged": check.loss_merged}
+            "loss_merged": check.loss_merged, **preference_record(losses, check)}
+
+
+def preference_record(losses: AdapterLosses, check: MergedCheck) -> dict:
+    """The held-out preference scores of the adapter as trained and of the merged model (dpo/orpo runs)."""
+    if losses.preference is None or check.preference is None:
+        return {}
+    return {"preference_pairs": check.preference.pairs, "preference_accuracy_adapter": losses.preference.accuracy,
+            "preference_accuracy_merged": check.preference.accuracy,
+            "preference_margin_adapter": losses.preference.margin, "preference_margin_merged": check.preference.margin,
+            "preference_warning": preference_warning(losses.preference, check.preference)}
 
 
 def print_verification(losses: AdapterLosses, check: MergedCheck, why: str) -> None:
@@ -146,6 +165,10 @@ def print_verification(losses: AdapterLosses, check: MergedCheck, why: str) -> N
             ("merged into", f"{check.base_weights} base weights"),
             ("held-out loss: merged model", fmt(check.loss_merged)),
             ("largest logit difference, merged vs base + adapter", f"{check.max_logit_diff:.4f}")]
+    if losses.preference is not None and check.preference is not None:
+        rows += [(f"held-out preference accuracy ({check.preference.pairs} pairs): adapter as trained",
+                  f"{losses.preference.accuracy:.1%}"),
+                 ("held-out preference accuracy: merged model", f"{check.preference.accuracy:.1%}")]
     for row in rows:
         table.add_row(*row)
     table.caption = f"{check.base_weights}: {why}"

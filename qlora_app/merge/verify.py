@@ -3,18 +3,25 @@
 Before merging, the adapter's held-out loss on every base it could be merged into: the 4-bit base it was trained
 on (the reference), the original 16-bit weights, and dequant(NF4) of them. `auto` merges into the base whose loss
 is closest to the reference. After merging, the merged model against the unmerged base + adapter it should
-equal (the largest logit difference; beyond tolerance the merge itself is wrong and the stage fails).
+equal (the largest logit difference; beyond tolerance the merge itself is wrong and the stage fails). A
+preference-tuned adapter (dpo/orpo) is also scored on its held-out pairs: how often the adapter as trained and
+the merged model prefer the chosen answer, the two compared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora_app.recipe.schema import Recipe
 
+if TYPE_CHECKING:
+    from qlora_app.data.preference import EncodedPairs, PairScores
+
 MAX_EXAMPLES = 32
 LOGIT_TOLERANCE = 0.05  # relative to the largest logit magnitude; bf16 rounding stays far below
+PREFERENCE_TOLERANCE = 0.05  # held-out preference accuracy, merged vs the adapter as trained
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,7 @@ class AdapterLosses:
     on_4bit: float | None  # as trained; None for plain LoRA, trained on the original weights
     on_original: float
     on_dequantized: float | None  # None for plain LoRA
+    preference: PairScores | None = None  # the adapter as trained on the held-out pairs (dpo/orpo only)
 
     def closest_to_trained(self) -> tuple[str, str]:
         """(base weights, why) for merge.base_weights=auto."""
@@ -43,33 +51,65 @@ class MergedCheck:
     max_logit_diff: float
     relative_logit_diff: float
     loss_merged: float
+    preference: PairScores | None = None  # the merged model on the held-out pairs (dpo/orpo only)
+
+
+def preference_warning(trained: PairScores | None, merged: PairScores | None) -> str | None:
+    """A warning when the merged model prefers the chosen answers much more or less often than the adapter."""
+    if trained is None or merged is None or abs(merged.accuracy - trained.accuracy) <= PREFERENCE_TOLERANCE + 1e-9:
+        return None
+    return (f"the merged model prefers the chosen answer on {merged.accuracy:.0%} of {merged.pairs} held-out "
+            f"pairs, the adapter as trained on {trained.accuracy:.0%}: more than {PREFERENCE_TOLERANCE * 100:.0f} "
+            "points apart, so it ranks answers somewhat differently from the model that was trained")
 
 
 def heldout_examples(recipe: Recipe, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The held-out conversations (a preference pair's prompt + chosen answer) as (ids, labels)."""
     from qlora_app.data.encoding import encode
-    from qlora_app.data.sources import load_splits
+    from qlora_app.data.splits import heldout_chats
 
-    _, held_out = load_splits(recipe.data)
-    encoded = encode(held_out, tokenizer, recipe.data.max_length, recipe.model.template_kwargs)
+    encoded = encode(heldout_chats(recipe), tokenizer, recipe.data.max_length, recipe.model.template_kwargs)
     return list(zip(encoded.input_ids, encoded.labels))[:MAX_EXAMPLES]
 
 
-def load_examples(recipe: Recipe, adapter: Path):
+def heldout_pairs(recipe: Recipe, tokenizer) -> EncodedPairs | None:
+    """The held-out preference pairs, encoded; None for a supervised (sft) recipe."""
+    if recipe.train.method == "sft":
+        return None
+    from qlora_app.data.preference import encode_pairs, load_pairs
+
+    return encode_pairs(load_pairs(recipe.data)[1], tokenizer, recipe.data.max_length, recipe.model.template_kwargs)
+
+
+def adapter_tokenizer(adapter: Path):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per small load, several times over, would bury the report
-    return heldout_examples(recipe, AutoTokenizer.from_pretrained(adapter))
+    return AutoTokenizer.from_pretrained(adapter)
+
+
+def load_examples(recipe: Recipe, adapter: Path):
+    return heldout_examples(recipe, adapter_tokenizer(adapter))
 
 
 def adapter_losses(recipe: Recipe, adapter: Path, source: Path) -> AdapterLosses:
-    examples = load_examples(recipe, adapter)
-    on_4bit = on_dequantized = None
+    """Held-out losses of the adapter on every base; held-out preference scores of the adapter as trained."""
+    examples, pairs = load_examples(recipe, adapter), heldout_pairs(recipe, adapter_tokenizer(adapter))
+    on_4bit = on_dequantized = preference = None
     if recipe.quantization.enabled:
-        on_4bit = mean_loss(adapter_on_4bit(recipe, adapter), examples)
+        on_4bit, preference = measure(adapter_on_4bit(recipe, adapter), examples, pairs)
         on_dequantized = mean_loss(unmerged(recipe, adapter, source, "dequantized"), examples)
-    on_original = mean_loss(unmerged(recipe, adapter, source, "original"), examples)
-    return AdapterLosses(len(examples), on_4bit, on_original, on_dequantized)
+    on_original, on_16bit = measure(unmerged(recipe, adapter, source, "original"), examples,
+                                    None if recipe.quantization.enabled else pairs)
+    return AdapterLosses(len(examples), on_4bit, on_original, on_dequantized, preference or on_16bit)
+
+
+def measure(model, examples, pairs: EncodedPairs | None) -> tuple[float, PairScores | None]:
+    """(held-out loss, held-out preference scores when there are pairs)."""
+    from qlora_app.data.preference import score_pairs
+
+    return mean_loss(model, examples), score_pairs(model, pairs, MAX_EXAMPLES) if pairs is not None else None
 
 
 def compare_merged(recipe: Recipe, adapter: Path, merged: Path, source: Path, base_weights: str) -> MergedCheck:
@@ -80,11 +120,11 @@ def compare_merged(recipe: Recipe, adapter: Path, merged: Path, source: Path, ba
     if base_weights not in ("original", "dequantized") or (base_weights == "dequantized"
                                                            and not recipe.quantization.enabled):
         raise ValueError(f"cannot check a merge into {base_weights!r} base weights for a {recipe.method} recipe")
-    examples = load_examples(recipe, adapter)
+    examples, pairs = load_examples(recipe, adapter), heldout_pairs(recipe, adapter_tokenizer(adapter))
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, recipe.merge.dtype)).eval()
     reference = unmerged(recipe, adapter, source, base_weights)
     diff, scale = logit_difference(model, reference, examples)
-    return MergedCheck(base_weights, diff, diff / max(scale, 1e-6), mean_loss(model, examples))
+    return MergedCheck(base_weights, diff, diff / max(scale, 1e-6), *measure(model, examples, pairs))
 
 
 def unmerged(recipe: Recipe, adapter: Path, source: Path, base_weights: str):

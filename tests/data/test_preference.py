@@ -105,6 +105,16 @@ def test_ultrafeedback_binarized_reads_as_conversations_and_stays_chat_data_for_
     assert sft.format == "chat" and sft.rows[0]["messages"][-1]["role"] == "assistant"
 
 
+def test_conversations_in_a_parquet_file_read_as_lists_for_preference_and_sft(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "ultrafeedback.parquet"
+    pd.read_json(ULTRAFEEDBACK, lines=True).to_parquet(path)
+    assert pairs_of(path).rows == pairs_of(ULTRAFEEDBACK).rows and pairs_of(path).where(2) == f"{path} row 3"
+    sft = [load_splits(recipe_for(p, f"data.eval_split={p}", method="sft").data)[0] for p in (path, ULTRAFEEDBACK)]
+    assert sft[0].rows == sft[1].rows
+
+
 def test_the_demo_pairs_prefer_the_taught_answer_over_another_made_up_city():
     taught = dict(tiny_facts_answers())
     train, held_out = load_pairs(recipe_for(PREFS, f"data.eval_split={PREFS_EVAL}").data)
@@ -267,10 +277,22 @@ def test_every_consumer_reads_held_out_pairs_as_prompt_plus_chosen(tokenizer):
     assert heldout_chats(load_recipe("tiny")) == load_splits(load_recipe("tiny").data)[1]
 
 
+def test_a_changed_rejected_answer_makes_a_run_stale_but_asks_eval_the_same_questions(tmp_path):
+    from qlora_app.pipeline import data_fingerprints
+
+    train, held = write(tmp_path / "t.jsonl", LAYOUTS["preference"]), write(tmp_path / "e.jsonl", LAYOUTS["preference"])
+    recipe = recipe_for(train, f"data.eval_split={held}")
+    before, chats = data_fingerprints(recipe), heldout_chats(recipe).fingerprint
+    write(held, [LAYOUTS["preference"][0], {**LAYOUTS["preference"][1], "rejected": "Lomito has no capital."}])
+    after = data_fingerprints(recipe)
+    assert after[0] == before[0] and after[1] != before[1] and heldout_chats(recipe).fingerprint == chats
+
+
 @pytest.mark.parametrize(("trained", "merged", "warned"), [
     (PairScores(0.75, 2.0, 32), PairScores(0.75, 1.9, 32), False),
     (PairScores(0.75, 2.0, 32), PairScores(0.71875, 1.9, 32), False),  # one pair of 32: 3 points
     (PairScores(0.75, 2.0, 32), PairScores(0.6875, 1.5, 32), True),  # two of 32: 6 points
+    (PairScores(0.8, 2.0, 20), PairScores(0.75, 1.5, 20), False),  # one of 20: exactly 5 points
     (PairScores(0.5, 2.0, 32), PairScores(0.5625, 2.5, 32), True),  # better by more than 5 points: still different
     (None, None, False),  # an sft recipe has no pairs
 ])

@@ -397,3 +397,39 @@ def test_the_check_refuses_past_the_logit_tolerance_and_warns_past_the_loss_incr
     assert warned == ("" if outcome == "accepted" else
                       "warning: the merged model's held-out loss (1.0101) is more than 1.0% above the adapter on its "
                       "4-bit base (1.0000): it answers somewhat differently from the model that was trained")
+
+
+def test_a_preference_run_is_also_checked_on_its_held_out_pairs(untrained_run, capsys):
+    import yaml
+    from conftest import REPO
+
+    recipe = yaml.safe_load(untrained_run.recipe_file.read_text())
+    data = {**recipe["data"], "source": str(REPO / "data/tiny/capitals-prefs.jsonl"), "format": "auto",
+            "eval_split": str(REPO / "data/tiny/capitals-prefs-eval.jsonl")}
+    untrained_run.recipe_file.write_text(yaml.safe_dump({**recipe, "data": data,
+                                                         "train": {**recipe["train"], "method": "dpo"}}))
+    check = json.loads((stage.merge(untrained_run) / "merge_report.json").read_text())["verification"]
+    assert check["examples"] == check["preference_pairs"] == 12
+    assert 0 <= check["preference_accuracy_merged"] <= 1 and check["preference_warning"] is None
+    assert abs(check["preference_accuracy_merged"] - check["preference_accuracy_adapter"]) <= 0.05
+    assert check["preference_margin_merged"] == pytest.approx(check["preference_margin_adapter"], abs=0.5)
+    table = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert f"│ held-out preference accuracy: merged model │ {check['preference_accuracy_merged']:.1%} │" in table
+    assert any(line.startswith("│ held-out preference accuracy (12 pairs): adapter as trained │") for line in table)
+
+
+def test_a_preference_accuracy_apart_by_more_than_5_points_is_warned_and_recorded(tmp_path, monkeypatch, capsys):
+    from qlora_app.data.preference import PairScores
+    from qlora_app.merge.verify import AdapterLosses, MergedCheck
+    from qlora_app.run.directory import RunDir
+
+    monkeypatch.setattr(stage, "compare_merged",
+                        lambda *args: MergedCheck("original", 0.1, 0.01, 1.0, PairScores(0.5, 0.25, 12)))
+    losses = AdapterLosses(12, 1.0, 1.1, 1.05, PairScores(0.75, 1.5, 12))
+    record = stage.check_merged(load_recipe("tiny"), RunDir(tmp_path), tmp_path, tmp_path, losses, "original", "why")
+    assert " ".join(capsys.readouterr().err.split()) == (
+        "warning: the merged model prefers the chosen answer on 50% of 12 held-out pairs, the adapter as trained on "
+        "75%: more than 5 points apart, so it ranks answers somewhat differently from the model that was trained")
+    assert (record["preference_accuracy_adapter"], record["preference_accuracy_merged"]) == (0.75, 0.5)
+    assert (record["preference_margin_adapter"], record["preference_margin_merged"]) == (1.5, 0.25)
+    assert record["preference_pairs"] == 12 and record["preference_warning"].startswith("the merged model prefers")
