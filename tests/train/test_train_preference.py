@@ -225,6 +225,20 @@ def test_sigkill_mid_dpo_run_resumes_loss_for_loss(dpo_run, trained_run, tmp_pat
 
 
 @pytest.mark.slow
+def test_two_ranks_train_dpo_like_one(dpo_run, trained_run, tmp_path):
+    """torchrun with gloo on CPU: the same rows per update split over two ranks, the reference per rank."""
+    result = subprocess.run(train_dpo(tmp_path, trained_run.path, "--set", "train.batch_size=2", "--set",
+                                      "train.grad_accum=2", "--gpus", "2"),
+                            cwd=REPO, capture_output=True, text=True, env=os.environ, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = RunDir((tmp_path / "tiny-dpo" / "latest").resolve()).read_manifest()
+    one = dpo_run[0].read_manifest()
+    assert two["ranks"] == 2 and two["chain"] == one["chain"]
+    assert two["losses"]["final_eval_loss"] == pytest.approx(one["losses"]["final_eval_loss"], rel=0.02)
+    assert two["preference"]["tuned"]["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
 def test_the_merged_dpo_model_served_by_vllm_answers_with_the_chosen_text(dpo_run, tmp_path):
     from conftest import make_server
     from openai import OpenAI
