@@ -248,20 +248,15 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
-    # The arguments come before loading: under FSDP they decide that only rank 0 reads the weights.
-    common = training_arguments(recipe, run)
-    if recipe.train.preference:
-        from qlora_app.train import preference
-
-        args = preference.config(recipe, common)
-    else:
-        args = sft_config(recipe, common)
+    args = trainer_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
     set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
     model = load_base(recipe, attention.resolve(recipe.train.attention).implementation)
     prepare_for_training(model, recipe)
     stopper = GracefulStop()
     callbacks = [MetricsLog(run.metrics), CheckpointMarker(run), stopper, StepTimer()]
     if recipe.train.preference:
+        from qlora_app.train import preference
+
         model = preference.policy_model(recipe, model, preference.init_run_of(recipe, run))
         trainer = preference.build(recipe.train.method, model, args, data, tokenizer, callbacks)
     else:
@@ -276,6 +271,16 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     if distributed.is_main():
         trainer.add_callback(ProgressBar(tokens_per_step(trainer, recipe)))
     return trainer, stopper
+
+
+def trainer_config(recipe: Recipe, run: RunDir):
+    """trl's config for the recipe's method: SFTConfig, DPOConfig or ORPOConfig over the shared arguments."""
+    common = training_arguments(recipe, run)
+    if recipe.train.preference:
+        from qlora_app.train import preference
+
+        return preference.config(recipe, common)
+    return sft_config(recipe, common)
 
 
 def sft_trainer(recipe: Recipe, model, args, data: PreparedData, tokenizer, callbacks: list):
