@@ -17,9 +17,10 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 def describe_method(recipe: Recipe) -> str:
     q = recipe.quantization
+    objective = f", {recipe.train.method.upper()}" if recipe.train.preference else ""
     if not q.enabled:
-        return f"LoRA ({SHORT_DTYPE[recipe.model.dtype]} base)"
-    return f"QLoRA {q.quant_type.upper()}{'+DQ' if q.double_quant else ''}"
+        return f"LoRA ({SHORT_DTYPE[recipe.model.dtype]} base){objective}"
+    return f"QLoRA {q.quant_type.upper()}{'+DQ' if q.double_quant else ''}{objective}"
 
 
 def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
