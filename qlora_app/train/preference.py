@@ -66,7 +66,11 @@ def init_run_of(recipe: Recipe, run: RunDir) -> RunDir | None:
     now (every rank of a first session resolves the same one the launcher checked)."""
     recorded = run.read_manifest().get("chain", {}).get("init_run")
     if recorded:
-        return RunDir(Path(recorded))
+        init = RunDir(Path(recorded))
+        if not (init.adapter / "adapter_config.json").is_file():
+            raise UserError(f"run {run.path} continues the adapter of {init.path}, which is gone: put that run "
+                            "back to resume, or start a new run")
+        return init
     return resolve_init_run(recipe, run.path.parent.parent)
 
 

@@ -154,6 +154,10 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     check_target_modules(recipe)  # names the model has (peft drops a typo silently)
     check_recipe(recipe)  # LoRA on the family's projections, the ones vLLM serves adapters on
     run = find_resumable(recipe, root, resume, ranks) if resume else None
+    if recipe.train.preference and run is not None:
+        from qlora_app.train.preference import init_run_of
+
+        init_run_of(recipe, run)  # the run it continues is still there
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     if run is not None:

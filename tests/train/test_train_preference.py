@@ -224,6 +224,40 @@ def test_sigkill_mid_dpo_run_resumes_loss_for_loss(dpo_run, trained_run, tmp_pat
     assert manifest["chain"] == dpo_run[0].read_manifest()["chain"]
 
 
+@pytest.fixture()
+def interrupted_dpo_copy(dpo_run, tmp_path) -> RunDir:
+    """A copy of the module's DPO run marked interrupted, its pairs a copy of the tiny pairs of its own."""
+    import shutil
+
+    from qlora_app.recipe.loader import dump_recipe
+
+    run = RunDir(tmp_path / "tiny-dpo" / dpo_run[0].path.name)
+    shutil.copytree(dpo_run[0].path, run.path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
+    data = tmp_path / "pairs.jsonl"
+    shutil.copy(REPO / "data" / "tiny" / "capitals-prefs.jsonl", data)
+    run.recipe_file.write_text(dump_recipe(run.recipe().with_section("data", source=str(data))))
+    write_json_atomic(run.manifest, {**run.read_manifest(), "status": "interrupted"})
+    return run
+
+
+@pytest.mark.slow
+def test_resuming_dpo_after_the_pairs_changed_is_refused(interrupted_dpo_copy):
+    run = interrupted_dpo_copy
+    data = Path(run.recipe().data.source)
+    data.write_text(data.read_text().replace("Neul", "Neulo"))
+    result = run_cli("train", "tiny-dpo", "--resume", str(run.path))
+    assert_one_line_error(result, f"the data of {run.path} changed since it started")
+
+
+@pytest.mark.slow
+def test_resuming_dpo_without_the_run_it_continued_is_refused(interrupted_dpo_copy, tmp_path):
+    run = interrupted_dpo_copy
+    gone = tmp_path / "gone"
+    write_json_atomic(run.manifest, {**run.read_manifest(), "chain": {"init_run": str(gone)}})
+    result = run_cli("train", "tiny-dpo", "--resume", str(run.path))
+    assert_one_line_error(result, f"continues the adapter of {gone}, which is gone")
+
+
 @pytest.mark.slow
 def test_two_ranks_train_dpo_like_one(dpo_run, trained_run, tmp_path):
     """torchrun with gloo on CPU: the same rows per update split over two ranks, the reference per rank."""
