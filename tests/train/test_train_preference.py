@@ -103,6 +103,25 @@ def test_train_refuses_a_missing_init_run_before_loading_weights(tmp_path):
     assert not (tmp_path / "tiny-dpo").exists()
 
 
+def test_the_model_card_says_the_chain_and_the_preference_figures(tmp_path):
+    from qlora_app.hub.card import CardFacts, render
+
+    run = fake_run(tmp_path, load_recipe("tiny-dpo"))
+    write_json_atomic(run.manifest, {
+        **run.read_manifest(), "training_method": {"method": "dpo", "beta": 0.1, "loss_type": "sigmoid"},
+        "chain": {"init_run": "/runs/tiny/r1", "init_recipe": "tiny", "init_run_id": "r1", "init_method": "sft",
+                  "init_data_fingerprint": "abc"},
+        "preference": {"base": {"accuracy": 0.5, "margin": 0.1, "pairs": 12, "what": "init adapter"},
+                       "tuned": {"accuracy": 1.0, "margin": 2.5, "pairs": 12}}})
+    card = render(run, CardFacts("adapter", "me/tiny-dpo"))
+    assert "- dpo\n" in card  # the method as a Hub tag
+    assert "- method: DPO (beta 0.1, loss sigmoid) on chosen/rejected pairs" in card
+    assert "continued from: run r1 of recipe tiny (sft, data fingerprint abc)" in card
+    assert "init adapter 50.0%, tuned 100.0%; mean log-prob margin 0.100 -> 2.500" in card
+    sft = fake_run(tmp_path, load_recipe("tiny"))
+    assert "Preference tuning" not in render(sft, CardFacts("adapter", "me/tiny"))
+
+
 # ---- the planner -----------------------------------------------------------------------------------------------
 
 
