@@ -75,7 +75,7 @@ def metadata(recipe, facts: CardFacts) -> str:
         base_model=base if is_hub_id(base) else None, license=lic.license, license_name=lic.name,
         license_link=lic.link, library_name="peft" if facts.kind == "adapter" else "transformers",
         base_model_relation="adapter" if facts.kind == "adapter" else "finetune" if is_hub_id(base) else None,
-        tags=["qlora-app", "qlora" if recipe.method == "qlora" else "lora", "lora", "sft", "trl"],
+        tags=["qlora-app", "qlora" if recipe.method == "qlora" else "lora", "lora", recipe.train.method, "trl"],
         pipeline_tag="text-generation")
     return f"---\n{data.to_yaml()}\n---\n"
 
@@ -83,7 +83,8 @@ def metadata(recipe, facts: CardFacts) -> str:
 def render(run: RunDir, facts: CardFacts) -> str:
     recipe = run.recipe()
     manifest = run.read_manifest()
-    sections = [metadata(recipe, facts), summary(recipe, run, manifest, facts), usage(recipe, facts),
+    sections = [metadata(recipe, facts), summary(recipe, run, manifest, facts), preference_section(manifest),
+                usage(recipe, facts),
                 merge_section(facts.merged_dir), evaluation_section(run), versions(manifest),
                 "## Recipe\n\nThe resolved recipe the run used (`recipe.yaml`):\n\n```yaml\n"
                 f"{run.recipe_file.read_text().rstrip()}\n```\n"]
@@ -103,6 +104,29 @@ def summary(recipe, run: RunDir, manifest: dict, facts: CardFacts) -> str:
             f"{data.get('eval_examples', 'n/a')} held-out examples (fingerprint {data.get('fingerprint', 'n/a')})\n"
             f"- held-out loss: base {fmt(losses.get('base_eval_loss'))}, tuned {fmt(losses.get('final_eval_loss'))}\n"
             f"{template_line(recipe)}")
+
+
+def preference_section(manifest: dict) -> str:
+    """dpo / orpo: the method and its settings, the run it continued, and base vs tuned on the held-out pairs."""
+    method = manifest.get("training_method", {})
+    if method.get("method") in (None, "sft"):
+        return ""
+    loss = f", loss {method['loss_type']}" if method.get("loss_type") else ""
+    lines = [f"- method: {method['method'].upper()} (beta {method.get('beta')}{loss}) on chosen/rejected pairs"]
+    chain = manifest.get("chain", {})
+    if chain.get("init_run"):
+        lines.append(f"- continued from: run {chain.get('init_run_id')} of recipe {chain.get('init_recipe')} "
+                     f"({chain.get('init_method')}, data fingerprint {chain.get('init_data_fingerprint')}); its "
+                     "adapter was the starting point" + (" and the reference" if method["method"] == "dpo" else ""))
+    else:
+        lines.append("- started from: the base model (a new adapter)")
+    scores = manifest.get("preference")
+    if scores:
+        base, tuned = scores["base"], scores["tuned"]
+        lines.append(f"- held-out preference accuracy (chosen over rejected, {tuned['pairs']} pairs): "
+                     f"{base['what']} {base['accuracy']:.1%}, tuned {tuned['accuracy']:.1%}; mean log-prob margin "
+                     f"{base['margin']:.3f} -> {tuned['margin']:.3f}")
+    return "## Preference tuning\n\n" + "\n".join(lines) + "\n"
 
 
 def template_line(recipe) -> str:

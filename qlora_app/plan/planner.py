@@ -14,6 +14,14 @@ Every term is counted in bytes from first principles, term by term, so that the 
   (which for a 128k vocabulary at batch 4 x 1024 would take about 6 GiB); what remains per token is a
   fraction of a vocabulary row, measured.
 - Overhead: CUDA context, cuBLAS workspace and the caching allocator's fragmentation.
+- Preference tuning (train.method dpo / orpo): each row is two sequences (prompt + chosen, prompt + rejected), both
+  of data.max_length at most, so activations and the head count twice the tokens of a row. DPO adds the
+  reference forward (the adapter off, or the frozen copy of the init adapter under `ref`): no gradients, so it
+  keeps no activations, but one layer's full set for both sequences is live while the policy's are kept, and
+  its log-probs come from trl's fused head like the policy's. A DPO run that continues an adapter holds that
+  frozen copy (fp32). trl's experimental ORPO materializes the full logits (bf16, their fp32 upcast and
+  log-softmax: 10 bytes per vocabulary entry per token). These terms are counted, not measured on a GPU: the
+  SFT figures below are (docs/preference.md).
 - Several GPUs (`ranks`): data parallel (ddp) changes nothing per GPU. FSDP (train.distributed: fsdp) shards
   the 4-bit layers, the adapters, their gradients and the optimizer state over the ranks, and gathers one
   layer at a time while it computes (plus the next, prefetched); embeddings, head and norms are counted whole
@@ -37,6 +45,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 OPTIMIZER_STATE_BYTES = {"paged_adamw_32bit": 8, "adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}
 HEAD_BYTES_PER_VOCAB = 2.5  # per token, trl's tiled LM head + loss; fitted on an H100 (docs/gpu-measurements.md)
 CUDA_CONTEXT = int(0.75 * GiB)  # measured on an H100: context, cuBLAS workspace, kernels
+ORPO_LOGIT_BYTES_PER_VOCAB = 2 + 4 + 4  # trl.experimental.orpo: bf16 logits, fp32 copy, log-softmax
 # What the Trainer adds beyond a bare training step (evaluation buffers, its own bookkeeping): the train stage's
 # measured peak on an H100 minus the bare step's at the same batch (docs/gpu-measurements.md).
 TRAINER_OVERHEAD = int(0.95 * GiB)
@@ -72,6 +81,8 @@ class MemoryPlan:
     seq_len: int
     trainable_params: int
     gathered: int = 0
+    reference: int = 0  # dpo: the reference forward's live layer, and a frozen adapter copy when it continues one
+    sequences_per_row: int = 1
 
     @property
     def base_weights(self) -> int:
@@ -85,7 +96,7 @@ class MemoryPlan:
     def step_total(self) -> int:
         """Peak of a bare training step (what bench/gpu_memory.py measures), without the Trainer's extras."""
         return (self.base_weights + self.lora_weights + self.lora_gradients + self.optimizer_state
-                + self.gathered + self.activations + self.logits + self.overhead)
+                + self.gathered + self.activations + self.reference + self.logits + self.overhead)
 
     def rows(self) -> list[tuple[str, int]]:
         labels = {
@@ -96,11 +107,13 @@ class MemoryPlan:
             "optimizer_state": "optimizer state",
             "gathered": "FSDP: a layer gathered, and the next prefetched",
             "activations": "activations",
+            "reference": "DPO reference forward (no gradients; frozen adapter copy)",
             "logits": "output head and loss (tiled)",
             "overhead": "CUDA context, workspace, fragmentation",
             "trainer_overhead": "Trainer (evaluation, bookkeeping)",
         }
-        return [(label, getattr(self, key)) for key, label in labels.items() if key != "gathered" or self.gathered]
+        optional = {"gathered", "reference"}
+        return [(label, getattr(self, key)) for key, label in labels.items() if key not in optional or getattr(self, key)]
 
 
 def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, seq_len: int | None = None,
@@ -111,11 +124,14 @@ def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, s
     checkpointing = recipe.train.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     quantized, sixteen = base_weight_bytes(recipe, arch)
     trainable = lora_params(recipe, arch)
-    tokens = batch * seq
+    sequences = 1 if recipe.train.method == "sft" else 2  # a preference row: prompt + chosen, prompt + rejected
+    tokens = batch * seq * sequences
     activations = tokens * activation_bytes_per_token(recipe, arch, checkpointing)
-    logits = int(tokens * arch.vocab * HEAD_BYTES_PER_VOCAB)
+    logits = int(tokens * arch.vocab * (ORPO_LOGIT_BYTES_PER_VOCAB if recipe.train.method == "orpo"
+                                        else HEAD_BYTES_PER_VOCAB))
+    reference = reference_bytes(recipe, arch, tokens, trainable)
     transient = 2 * max(i * o for i, o in arch.linear_shapes().values()) * 2 if recipe.quantization.enabled else 0
-    overhead = CUDA_CONTEXT + transient + int(FRAGMENTATION * (activations + logits))
+    overhead = CUDA_CONTEXT + transient + int(FRAGMENTATION * (activations + reference + logits))
     shards = ranks if recipe.train.distributed == "fsdp" else 1
     gathered = 2 * (quantized + trainable * 4) // arch.layers if shards > 1 else 0
     return MemoryPlan(
@@ -126,6 +142,8 @@ def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, s
         optimizer_state=trainable * OPTIMIZER_STATE_BYTES[recipe.train.optimizer] // shards,
         gathered=gathered,
         activations=activations,
+        reference=reference,
+        sequences_per_row=sequences,
         logits=logits,
         overhead=overhead,
         trainer_overhead=TRAINER_OVERHEAD,
@@ -134,6 +152,15 @@ def plan(recipe: Recipe, arch: Architecture, *, batch_size: int | None = None, s
         seq_len=seq,
         trainable_params=trainable,
     )
+
+
+def reference_bytes(recipe: Recipe, arch: Architecture, tokens: int, trainable: int) -> int:
+    """DPO's reference forward: one layer's activations live at a time (no gradients, nothing kept), and the
+    frozen fp32 copy of the adapter it starts from when it continues a run."""
+    if recipe.train.method != "dpo":
+        return 0
+    frozen_copy = trainable * 4 if recipe.train.init_adapter else 0
+    return tokens * layer_activation_bytes_per_token(recipe, arch) + frozen_copy
 
 
 def base_weight_bytes(recipe: Recipe, arch: Architecture) -> tuple[int, int]:

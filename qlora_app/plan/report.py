@@ -17,9 +17,10 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 def describe_method(recipe: Recipe) -> str:
     q = recipe.quantization
+    objective = f", {recipe.train.method.upper()}" if recipe.train.preference else ""
     if not q.enabled:
-        return f"LoRA ({SHORT_DTYPE[recipe.model.dtype]} base)"
-    return f"QLoRA {q.quant_type.upper()}{'+DQ' if q.double_quant else ''}"
+        return f"LoRA ({SHORT_DTYPE[recipe.model.dtype]} base){objective}"
+    return f"QLoRA {q.quant_type.upper()}{'+DQ' if q.double_quant else ''}{objective}"
 
 
 def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int = 1) -> planner.MemoryPlan:
@@ -35,7 +36,8 @@ def print_plan(recipe: Recipe, gpu_gib: float, compare: bool = False, gpus: int 
     out.print(
         f"[bold]{recipe.name}[/]: {describe_method(recipe)}, LoRA r={recipe.lora.r} on "
         f"{len(planner.lora_targets(recipe, arch))} projections ({result.trainable_params / 1e6:.1f}M trainable), "
-        f"batch {result.batch_size} x seq {result.seq_len}, gradient checkpointing "
+        f"batch {result.batch_size}{' pairs (2 sequences each)' if result.sequences_per_row == 2 else ''} x seq "
+        f"{result.seq_len}, gradient checkpointing "
         f"{'on' if t.gradient_checkpointing else 'off'}, {t.optimizer}"
     )
     on = f", per GPU of {gpus} ({recipe.train.distributed.upper()})" if gpus > 1 else ""

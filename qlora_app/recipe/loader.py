@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 from qlora_app.errors import UserError
 from qlora_app.recipe.schema import Recipe
 
-PATH_KEYS = (("model", "path"), ("data", "source"), ("data", "eval_split"), ("eval", "tasks"))
+PATH_KEYS = (("model", "path"), ("data", "source"), ("data", "eval_split"), ("eval", "tasks"),
+             ("train", "init_adapter"))
 
 
 def recipes_dir() -> Path:

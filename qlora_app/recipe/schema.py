@@ -130,12 +130,23 @@ VLLM_LORA_RANKS = get_args(VllmLoraRank)  # the ranks vLLM's --max-lora-rank acc
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 Attention = Literal["auto", "flash", "flex", "sdpa", "eager"]
+# trl 1.16's DPO losses that need no further setting (exo_pair needs label smoothing; sft is no preference loss).
+DpoLoss = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
+                  "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+PREFERENCE_SETTINGS = ("beta", "loss_type", "init_adapter")
 
 
 class TrainSpec(Section):
     method: Literal["sft", "dpo", "orpo"] = Field(
         "sft", description="sft: supervised fine-tuning on demonstrations; dpo / orpo: preference tuning on "
                            "chosen/rejected pairs (docs/preference.md).")
+    beta: float | None = Field(
+        None, gt=0, description="dpo / orpo: how far the policy may move from the reference (DPO's beta, ORPO's "
+                                "lambda); null: 0.1.")
+    loss_type: DpoLoss | None = Field(None, description="dpo: trl's DPO loss; null: sigmoid (the DPO paper's).")
+    init_adapter: str | None = Field(
+        None, description="dpo / orpo: start from a finished run's adapter (a run directory, or a recipe name: its "
+                          "latest finished run) with the same model, quantization and lora; null: a new adapter.")
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
     batch_size: int | Literal["auto"] = Field(
@@ -165,6 +176,28 @@ class TrainSpec(Section):
         "ddp", description="With --gpus N: ddp keeps the whole 4-bit base on every GPU and all-reduces the LoRA "
                            "gradients; fsdp shards the base, the adapters and the optimizer over the GPUs (a model "
                            "larger than one card). One GPU ignores it.")
+
+    @model_validator(mode="after")
+    def _preference_settings(self) -> TrainSpec:
+        given = [name for name in PREFERENCE_SETTINGS if getattr(self, name) is not None]
+        if self.method == "sft" and given:
+            raise ValueError(f"{', '.join('train.' + n for n in given)}: only for train.method dpo or orpo (this "
+                             "recipe trains sft); remove them or set train.method")
+        if self.method == "orpo" and self.loss_type is not None:
+            raise ValueError("train.loss_type applies to method dpo; orpo has one loss (set train.beta)")
+        return self
+
+    @property
+    def preference_beta(self) -> float:
+        return 0.1 if self.beta is None else self.beta
+
+    @property
+    def preference_loss(self) -> str:
+        return self.loss_type or "sigmoid"
+
+    @property
+    def preference(self) -> bool:
+        return self.method != "sft"
 
     @field_validator("batch_size")
     @classmethod

@@ -18,13 +18,15 @@ from qlora_app.train.distributed import barrier, max_over_ranks
 
 
 class ProgressBar(TrainerCallback):
-    """One rich bar: step, loss, eval loss, tokens/s, elapsed and remaining time."""
+    """One rich bar: step, loss, eval loss, (dpo / orpo: reward margin and accuracy), tokens/s, elapsed and
+    remaining time."""
 
     def __init__(self, tokens_per_step: float):
         self.tokens_per_step = tokens_per_step
         self.progress: Progress | None = None
         self.task = None
         self.loss = self.eval_loss = float("nan")
+        self.rewards = ""
         self.start_time = self.start_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -39,12 +41,15 @@ class ProgressBar(TrainerCallback):
         steps = state.global_step - self.start_step
         rate = steps * self.tokens_per_step / max(time.perf_counter() - self.start_time, 1e-9)
         self.progress.update(self.task, completed=state.global_step,
-                             stats=f"loss {_fmt(self.loss)}  eval {_fmt(self.eval_loss)}  {rate:,.0f} tok/s")
+                             stats=f"loss {_fmt(self.loss)}  eval {_fmt(self.eval_loss)}{self.rewards}  "
+                                   f"{rate:,.0f} tok/s")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         self.loss = logs.get("loss", self.loss)
         self.eval_loss = logs.get("eval_loss", self.eval_loss)
+        if "rewards/margins" in logs:  # trl's DPO and ORPO log them with the loss
+            self.rewards = f"  margin {logs['rewards/margins']:.3f} acc {logs.get('rewards/accuracies', 0):.0%}"
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:

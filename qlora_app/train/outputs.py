@@ -99,7 +99,7 @@ def finish(run: RunDir, manifest: dict, trainer, final_eval: float, seconds: flo
             **session_timing(history, timer.session_tokens(), seconds),
             **(timer.steady_state() or {"steady_tokens_per_second": None}),
             "trainable_params": trainable,
-            "packed": bool(trainer.args.packing),
+            "packed": bool(getattr(trainer.args, "packing", False)),
             "non_pad_fraction": non_pad_fraction(trainer),
             **peak_memory(),
         },
@@ -130,12 +130,21 @@ def session_timing(history: list[dict], session_tokens: int, stage_seconds: floa
 def non_pad_fraction(trainer) -> float:
     """Real tokens over computed tokens. Padding-free batches compute no padding; otherwise batches are
     consecutive slices of the (seeded, shuffled) dataset, each padded to its longest row."""
-    if trainer.args.padding_free:
+    if getattr(trainer.args, "padding_free", False):
         return 1.0
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    rows = sequences_of_rows(trainer.train_dataset)
     size = trainer.args.per_device_train_batch_size
-    chunks = [lengths[i:i + size] for i in range(0, len(lengths), size)]
-    return sum(lengths) / sum(max(c) * len(c) for c in chunks)
+    chunks = [sum(rows[i:i + size], []) for i in range(0, len(rows), size)]
+    return sum(map(sum, chunks)) / sum(max(c) * len(c) for c in chunks)
+
+
+def sequences_of_rows(dataset) -> list[list[int]]:
+    """The lengths of the sequences each row feeds: one, or a pair's prompt + chosen and prompt + rejected
+    (padded together in one batch)."""
+    if "input_ids" in dataset.column_names:
+        return [[len(ids)] for ids in dataset["input_ids"]]
+    return [[len(p) + len(c), len(p) + len(r)]
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 def plot_loss_curve(history: list[dict], path: Path, title: str) -> None:
@@ -165,6 +174,23 @@ def _rate(value: float | None) -> str:
     return f"{value:,.0f}" if value else "n/a"
 
 
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def preference_rows(manifest: dict) -> list[tuple[str, str]]:
+    """dpo / orpo: the held-out preference figures, and the run continued."""
+    scores = manifest.get("preference")
+    if not scores:
+        return []
+    base, tuned = scores["base"], scores["tuned"]
+    rows = [(f"held-out preference accuracy: {base['what']} -> tuned",
+             f"{base['accuracy']:.1%} -> {tuned['accuracy']:.1%} ({tuned['pairs']} pairs)"),
+            ("held-out reward margin (log-prob chosen - rejected)", f"{base['margin']:.3f} -> {tuned['margin']:.3f}")]
+    init = manifest.get("chain", {}).get("init_run")
+    return rows + ([("continued from", init)] if init else [])
+
+
 def print_summary(run: RunDir, manifest: dict) -> None:
     t, losses, d = manifest["training"], manifest["losses"], manifest["data"]
     table = Table(title=f"train: {manifest['recipe']} finished", show_header=False)
@@ -179,8 +205,9 @@ def print_summary(run: RunDir, manifest: dict) -> None:
         ("tokens/s: steady-state / whole stage", f"{_rate(t.get('steady_tokens_per_second'))} / "
                                                   f"{_rate(t.get('stage_tokens_per_second'))}"),
         ("peak memory", f"{peak / 2**30:.2f} GiB ({'GPU' if 'gpu_device_peak_bytes' in t else 'CPU RSS'})"),
-        ("held-out loss: base -> tuned", f"{losses.get('base_eval_loss', float('nan')):.4f} -> "
-                                         f"{losses['final_eval_loss']:.4f}"),
+        ("held-out loss: base -> tuned", f"{_loss(losses.get('base_eval_loss'))} -> "
+                                         f"{_loss(losses['final_eval_loss'])}"),
+        *preference_rows(manifest),
         ("final train loss", f"{losses['final_train_loss']:.4f}" if losses["final_train_loss"] else "n/a"),
         ("trainable parameters", f"{t['trainable_params']:,}"),
         ("non-pad tokens", f"{t['non_pad_fraction']:.1%}" + (" (packed, padding-free)" if t["packed"] else "")),

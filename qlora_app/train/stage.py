@@ -42,17 +42,32 @@ class TrainingInterrupted(UserError):
 
 @dataclass(frozen=True)
 class PreparedData:
-    train: Encoded
+    train: Encoded  # or, for dpo / orpo, qlora_app.data.preference.EncodedPairs
     eval: Encoded
     train_records: Records
     eval_records: Records
 
+    @property
+    def examples(self) -> tuple[int, int]:
+        """(train, eval) examples: sequences for SFT, chosen/rejected pairs for preference tuning."""
+        return examples(self.train), examples(self.eval)
+
+
+def examples(encoded) -> int:
+    return len(encoded.input_ids) if hasattr(encoded, "input_ids") else len(encoded)
+
 
 def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
-    train_records, eval_records = load_splits(recipe.data)
+    """Records of the method's shape (demonstrations for sft, chosen/rejected pairs for dpo/orpo), encoded."""
+    if recipe.train.preference:
+        from qlora_app.data.preference import encode_pairs as encoder
+        from qlora_app.data.preference import load_pairs as loader
+    else:
+        loader, encoder = load_splits, encode
+    train_records, eval_records = loader(recipe.data)
     kwargs = recipe.model.template_kwargs
-    train = encode(train_records, tokenizer, recipe.data.max_length, kwargs)
-    held_out = encode(eval_records, tokenizer, recipe.data.max_length, kwargs)
+    train = encoder(train_records, tokenizer, recipe.data.max_length, kwargs)
+    held_out = encoder(eval_records, tokenizer, recipe.data.max_length, kwargs)
     return PreparedData(train, held_out, train_records, eval_records)
 
 
@@ -131,10 +146,18 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
     """Everything checked before weights load; the run directory, created once the data is known to be good."""
     check_driver()
     check_report_to(recipe)
+    if recipe.train.preference and not resume:
+        from qlora_app.train.preference import resolve_init_run
+
+        resolve_init_run(recipe, root)  # a finished run of the same model and LoRA shape, before anything loads
     load_architecture(recipe.model)  # a supported family, else one line naming those that are
     check_target_modules(recipe)  # names the model has (peft drops a typo silently)
     check_recipe(recipe)  # LoRA on the family's projections, the ones vLLM serves adapters on
     run = find_resumable(recipe, root, resume, ranks) if resume else None
+    if recipe.train.preference and run is not None:
+        from qlora_app.train.preference import init_run_of
+
+        init_run_of(recipe, run)  # the run it continues is still there
     tokenizer = load_tokenizer(recipe)
     data = prepare_data(recipe, tokenizer)
     if run is not None:
@@ -164,7 +187,8 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     manifest["attention"] = trainer.model.config._attn_implementation  # what the model runs, fallbacks included
     # The base's held-out loss, measured by train() itself: an evaluate() before train() would leave accelerate
     # believing the model prepared, and it would then not wrap it in DDP (ranks would never sync gradients).
-    trainer.args.eval_on_start = checkpoint is None
+    # DPO's policy starts equal to its reference: its held-out loss at step 0 is log 2, nothing measured.
+    trainer.args.eval_on_start = checkpoint is None and recipe.train.method != "dpo"
     import torch
 
     stopper.install()
@@ -179,8 +203,9 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     finally:
         stopper.uninstall()
     if checkpoint is None:
-        manifest["losses"]["base_eval_loss"] = next((h["eval_loss"] for h in trainer.state.log_history
-                                                      if "eval_loss" in h), None)
+        first = next((h for h in trainer.state.log_history if "eval_loss" in h), {})
+        measured_at_start = trainer.args.eval_on_start and first.get("step") == 0
+        manifest["losses"]["base_eval_loss"] = first["eval_loss"] if measured_at_start else None
     if stopper.received is not None:
         manifest["status"] = "interrupted"
         if main:
@@ -197,6 +222,11 @@ def train_in(recipe: Recipe, run: RunDir, checkpoint: Path | None, data: Prepare
     from qlora_app.train import outputs
 
     final_eval = trainer.evaluate()["eval_loss"]
+    if recipe.train.preference:
+        from qlora_app.train import preference
+
+        manifest["preference"] = preference.held_out_scores(trainer, data.eval)
+        preference.drop_reference_adapter(trainer.accelerator.unwrap_model(trainer.model))
     if main:
         outputs.save_adapter(trainer.model, tokenizer, recipe, run, data.train.end_of_turn_id)
         outputs.finish(run, manifest, trainer, final_eval, time.time() - started, data)
@@ -213,31 +243,28 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     import os
 
     import datasets
-    from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
-    from trl import SFTTrainer
 
-    from qlora_app.model.loading import load_base, lora_config, prepare_for_training
+    from qlora_app.model.loading import load_base, prepare_for_training
     from qlora_app.train import attention
     from qlora_app.train.callbacks import CheckpointMarker, GracefulStop, MetricsLog, ProgressBar
     from qlora_app.train.throughput import StepTimer
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)
     datasets.disable_progress_bars()  # packing a dataset takes a moment; its bars would only clutter
-    args = sft_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
+    args = trainer_config(recipe, run)  # before loading: under FSDP it decides that only rank 0 reads the weights
     set_seed(recipe.train.seed)  # before LoRA's random init, so a resumed run starts from the same adapter
     model = load_base(recipe, attention.resolve(recipe.train.attention).implementation)
     prepare_for_training(model, recipe)
-    model = get_peft_model(model, lora_config(recipe))
     stopper = GracefulStop()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train.to_dataset(),
-        eval_dataset=data.eval.to_dataset(),
-        processing_class=tokenizer,
-        callbacks=[MetricsLog(run.metrics), CheckpointMarker(run), stopper, StepTimer()],
-    )
+    callbacks = [MetricsLog(run.metrics), CheckpointMarker(run), stopper, StepTimer()]
+    if recipe.train.preference:
+        from qlora_app.train import preference
+
+        model = preference.policy_model(recipe, model, preference.init_run_of(recipe, run))
+        trainer = preference.build(recipe.train.method, model, args, data, tokenizer, callbacks)
+    else:
+        trainer = sft_trainer(recipe, model, args, data, tokenizer, callbacks)
     # trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice). Keep them fp32, peft's
     # default: Adam's small updates survive, and a resumed run (peft reloads adapters in fp32) continues with
     # exactly the precision it started with. Costs 4 bytes instead of 2 per trainable parameter.
@@ -250,11 +277,49 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     return trainer, stopper
 
 
-def sft_config(recipe: Recipe, run: RunDir):
-    import torch
+def trainer_config(recipe: Recipe, run: RunDir):
+    """trl's config for the recipe's method: SFTConfig, DPOConfig or ORPOConfig over the shared arguments."""
+    common = training_arguments(recipe, run)
+    if recipe.train.preference:
+        from qlora_app.train import preference
+
+        return preference.config(recipe, common)
+    return sft_config(recipe, common)
+
+
+def sft_trainer(recipe: Recipe, model, args, data: PreparedData, tokenizer, callbacks: list):
+    from peft import get_peft_model
+    from trl import SFTTrainer
+
+    from qlora_app.model.loading import lora_config
+
+    return SFTTrainer(model=get_peft_model(model, lora_config(recipe)), args=args,
+                      train_dataset=data.train.to_dataset(), eval_dataset=data.eval.to_dataset(),
+                      processing_class=tokenizer, callbacks=callbacks)
+
+
+def sft_config(recipe: Recipe, common: dict):
     from trl import SFTConfig
 
-    t, d = recipe.train, recipe.data
+    d = recipe.data
+    return SFTConfig(
+        **common,
+        max_length=d.max_length,
+        packing=d.packing,
+        packing_strategy="bfd",
+        padding_free=d.packing,
+        # trl shuffles the packed sequences once with the seed; visiting them in that order every epoch makes
+        # the data order a pure function of the step, so a resumed run sees exactly what it would have seen.
+        shuffle_dataset=True,
+        train_sampling_strategy="sequential",
+    )
+
+
+def training_arguments(recipe: Recipe, run: RunDir) -> dict:
+    """The Trainer's arguments every method shares (trl's SFT, DPO and ORPO configs take them all)."""
+    import torch
+
+    t = recipe.train
     cuda = torch.cuda.is_available()
     optimizer = t.optimizer
     if not cuda and optimizer in PAGED_OR_8BIT:
@@ -262,7 +327,7 @@ def sft_config(recipe: Recipe, run: RunDir):
                      "need a GPU)")
         optimizer = "adamw_torch"
     compute = recipe.quantization.compute_dtype if recipe.quantization.enabled else recipe.model.dtype
-    return SFTConfig(
+    return dict(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -288,14 +353,6 @@ def sft_config(recipe: Recipe, run: RunDir):
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to),
-        max_length=d.max_length,
-        packing=d.packing,
-        packing_strategy="bfd",
-        padding_free=d.packing,
-        # trl shuffles the packed sequences once with the seed; visiting them in that order every epoch makes
-        # the data order a pure function of the step, so a resumed run sees exactly what it would have seen.
-        shuffle_dataset=True,
-        train_sampling_strategy="sequential",
         disable_tqdm=True,
         # The loss is only read at log steps: checking it for nan/inf at every micro-step is a host-device sync.
         logging_nan_inf_filter=False,
@@ -310,8 +367,16 @@ def sft_config(recipe: Recipe, run: RunDir):
 
 
 def tokens_per_step(trainer, recipe: Recipe) -> float:
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    lengths = sequence_lengths(trainer.train_dataset)
     return sum(lengths) / len(lengths) * recipe.train.batch_size * recipe.train.grad_accum
+
+
+def sequence_lengths(dataset) -> list[int]:
+    """Tokens of each row as trained: a sequence, or a pair's two (prompt + chosen, prompt + rejected)."""
+    if "input_ids" in dataset.column_names:
+        return [len(ids) for ids in dataset["input_ids"]]
+    return [2 * len(p) + len(c) + len(r)
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer) -> dict:
@@ -325,13 +390,14 @@ def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer)
         "created": utc_timestamp(),
         **environment(),
         "model": {"path": recipe.model.path, "revision": recipe.model.revision, "method": recipe.method},
+        **training_method(recipe, run),
         "data": {
             "source": recipe.data.source,
             "format": data.train_records.format,
-            "train_examples": len(data.train.input_ids),
-            "eval_examples": len(data.eval.input_ids),
+            "train_examples": data.examples[0],
+            "eval_examples": data.examples[1],
             "dropped_too_long": data.train.dropped_too_long + data.eval.dropped_too_long,
-            "truncated": data.train.truncated + data.eval.truncated,
+            "truncated": truncated(data),
             "train_tokens": data.train.tokens,
             "train_label_tokens": data.train.label_tokens,
             "fingerprint": data.train_records.fingerprint,
@@ -346,13 +412,30 @@ def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer)
     }
 
 
+def training_method(recipe: Recipe, run: RunDir) -> dict:
+    """train.method with its settings and, for preference tuning, the run it continues."""
+    t = recipe.train
+    if not t.preference:
+        return {"training_method": {"method": "sft"}}
+    from qlora_app.train.preference import chain, init_run_of
+
+    settings = {"method": t.method, "beta": t.preference_beta,
+                "loss_type": t.preference_loss if t.method == "dpo" else None}
+    return {"training_method": settings, "chain": chain(init_run_of(recipe, run))}
+
+
+def truncated(data: PreparedData) -> int:
+    return getattr(data.train, "truncated", 0) + getattr(data.eval, "truncated", 0)  # pairs are dropped, never cut
+
+
 def print_data_summary(recipe: Recipe, data: PreparedData) -> None:
     dropped = data.train.dropped_too_long + data.eval.dropped_too_long
-    truncated = data.train.truncated + data.eval.truncated
+    cut = truncated(data)
+    train_n, eval_n = data.examples
+    what = "pairs" if recipe.train.preference else "examples"
     console.note(
-        f"data: {len(data.train.input_ids)} train / {len(data.eval.input_ids)} eval examples "
-        f"({data.train_records.format}), {data.train.tokens:,} train tokens of which {data.train.label_tokens:,} "
-        f"are learned")
-    if dropped or truncated:
-        console.warn(f"{dropped} examples longer than data.max_length={recipe.data.max_length} were dropped, "
-                     f"{truncated} truncated")
+        f"data: {train_n} train / {eval_n} eval {what} ({data.train_records.format}), {data.train.tokens:,} train "
+        f"tokens of which {data.train.label_tokens:,} are learned")
+    if dropped or cut:
+        console.warn(f"{dropped} {what} longer than data.max_length={recipe.data.max_length} were dropped, "
+                     f"{cut} truncated")

@@ -157,9 +157,10 @@ def test_family_recipe_plans_into_24_gb_offline(name):
     assert "fits in 24 GiB" in result.stdout, result.stdout
 
 
-TRAIN_KEYS = ("method, epochs, max_steps, batch_size, fallback_batch_size, grad_accum, lr, lr_scheduler, warmup_ratio, "
-              "weight_decay, max_grad_norm, optimizer, gradient_checkpointing, attention, seed, log_steps, "
-              "eval_steps, save_steps, save_total_limit, report_to, distributed")
+TRAIN_KEYS = ("method, beta, loss_type, init_adapter, epochs, max_steps, batch_size, fallback_batch_size, "
+              "grad_accum, lr, lr_scheduler, warmup_ratio, weight_decay, max_grad_norm, optimizer, "
+              "gradient_checkpointing, attention, seed, log_steps, eval_steps, save_steps, save_total_limit, "
+              "report_to, distributed")
 
 
 @pytest.mark.parametrize(("overrides", "problems"), [
