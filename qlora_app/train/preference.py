@@ -85,14 +85,19 @@ def chain(init: RunDir | None) -> dict:
 
 
 def policy_model(recipe: Recipe, base, init: RunDir | None):
-    """The trainable peft model: the init run's adapter loaded trainable, else a new LoRA adapter."""
+    """(model, peft_config) for the trainer. Continuing a run: its adapter loaded trainable (trl then keeps the
+    frozen copy that DPO compares with). A new adapter: the base and the LoRA config, which trl wraps itself and
+    compares against with the adapter off; a peft model handed over instead would get a frozen copy of a freshly
+    initialized adapter, the same reference at the memory of one more adapter."""
     from peft import PeftModel, get_peft_model
 
     from qlora_app.model.loading import lora_config
 
-    if init is None:
-        return get_peft_model(base, lora_config(recipe))
-    return PeftModel.from_pretrained(base, str(init.adapter), is_trainable=True)
+    if init is not None:
+        return PeftModel.from_pretrained(base, str(init.adapter), is_trainable=True), None
+    if recipe.train.method == "dpo":
+        return base, lora_config(recipe)
+    return get_peft_model(base, lora_config(recipe)), None
 
 
 def config(recipe: Recipe, common: dict):
@@ -111,11 +116,12 @@ def config(recipe: Recipe, common: dict):
                       remove_unused_columns=False)
 
 
-def build(method: str, model, args, data, tokenizer, callbacks: list):
+def build(recipe: Recipe, base, init: RunDir | None, args, data, tokenizer, callbacks: list):
     """The DPO or ORPO trainer over the pre-tokenized pairs."""
-    cls = pairs_dpo_trainer() if method == "dpo" else pairs_orpo_trainer()
+    cls = pairs_dpo_trainer() if recipe.train.method == "dpo" else pairs_orpo_trainer()
+    model, peft_config = policy_model(recipe, base, init)
     return cls(model=model, args=args, train_dataset=data.train.to_dataset(), eval_dataset=data.eval.to_dataset(),
-               processing_class=tokenizer, callbacks=callbacks)
+               processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
 
 
 @functools.cache

@@ -261,8 +261,8 @@ def build_trainer(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer):
     if recipe.train.preference:
         from qlora_app.train import preference
 
-        model = preference.policy_model(recipe, model, preference.init_run_of(recipe, run))
-        trainer = preference.build(recipe.train.method, model, args, data, tokenizer, callbacks)
+        trainer = preference.build(recipe, model, preference.init_run_of(recipe, run), args, data, tokenizer,
+                                   callbacks)
     else:
         trainer = sft_trainer(recipe, model, args, data, tokenizer, callbacks)
     # trl casts the adapters of a quantized model to bf16 (the QLoRA paper's choice). Keep them fp32, peft's
