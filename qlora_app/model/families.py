@@ -69,5 +69,5 @@ def check_targets(family: Family, targets: tuple[str, ...]) -> None:
     """LoRA target modules that this family's decoder layers have (peft would fail after loading weights)."""
     other = [t for t in targets if t not in family.projections and t != "all-linear"]
     if other:
-        raise UserError(f"lora.target_modules {other} are not projections of {family.name} ({family.model_type}) "
-                        f"models; they have: {', '.join(family.projections)}")
+        raise UserError(f"lora.target_modules: {family.name} ({family.model_type}) models have no projection named "
+                        f"{', '.join(other)}; they have {', '.join(family.projections)} (or give all-linear)")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from qlora_app.errors import UserError
 from qlora_app.hub import access
 from qlora_app.model import tiny
 from qlora_app.recipe.schema import ModelSpec, Recipe
@@ -66,34 +65,6 @@ def quantized_weight_names(recipe: Recipe, model_dir) -> frozenset[str]:
     skip = list(recipe.quantization.skip_modules)
     return frozenset(f"{name}.weight" for name, module in skeleton.named_modules()
                      if isinstance(module, torch.nn.Linear) and should_convert_module(name, skip))
-
-
-def linear_layer_names(recipe: Recipe) -> list[str]:
-    """What lora.target_modules may name: the last part of the name of each linear layer of the recipe's model,
-    from its config alone (the model built on the meta device: no weight is read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = recipe.model
-    with access.hub_errors(spec.path, spec.revision):
-        config = AutoConfig.from_pretrained(model_location(spec), revision=spec.revision,
-                                            trust_remote_code=spec.trust_remote_code)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
-                   if isinstance(module, torch.nn.Linear)})
-
-
-def check_target_modules(recipe: Recipe) -> None:
-    """Refuse target names the model has no linear layer for, before any weight loads: peft would drop a typo
-    beside a good name without a word, and fail with a traceback on a list of typos."""
-    if recipe.lora.all_linear:
-        return
-    valid = linear_layer_names(recipe)
-    unknown = [name for name in recipe.lora.target_modules if name not in valid]
-    if unknown:
-        raise UserError(f"lora.target_modules: {recipe.model.path} has no linear layer named {', '.join(unknown)}; "
-                        f"its linear layers are {', '.join(valid)} (or give all-linear)")
 
 
 def nf4_round_trip(weight, recipe: Recipe):

@@ -24,7 +24,6 @@ from qlora_app.machine.disk_full import is_disk_full
 from qlora_app.machine.doctor import check_driver
 from qlora_app.machine.gpu import query_gpu
 from qlora_app.model.architecture import check_recipe, load_architecture
-from qlora_app.model.loading import check_target_modules
 from qlora_app.plan import layout
 from qlora_app.plan.report import out_of_memory_advice
 from qlora_app.recipe.schema import Recipe
@@ -151,8 +150,7 @@ def prepare_run(recipe: Recipe, root: Path, resume: str | None, ranks: int = 1):
 
         resolve_init_run(recipe, root)  # a finished run of the same model and LoRA shape, before anything loads
     load_architecture(recipe.model)  # a supported family, else one line naming those that are
-    check_target_modules(recipe)  # names the model has (peft drops a typo silently)
-    check_recipe(recipe)  # LoRA on the family's projections, the ones vLLM serves adapters on
+    check_recipe(recipe)  # LoRA on the family's projections (vLLM serves adapters on them; peft drops a typo)
     run = find_resumable(recipe, root, resume, ranks) if resume else None
     if recipe.train.preference and run is not None:
         from qlora_app.train.preference import init_run_of

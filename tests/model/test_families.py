@@ -163,7 +163,7 @@ def test_lora_targets_outside_the_family_are_refused_at_plan(tmp_path):
     from qlora_app.model.tiny import materialize
 
     phi = materialize("builtin:tiny-phi3")
-    assert_one_line_error(cli_in_process("plan", str(recipe_on(tmp_path, phi))), "['q_proj', 'k_proj', 'v_proj'",
+    assert_one_line_error(cli_in_process("plan", str(recipe_on(tmp_path, phi))), "no projection named q_proj, k_proj, v_proj",
                           "qkv_proj, o_proj, gate_up_proj, down_proj")
 
 
