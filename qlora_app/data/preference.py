@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_app.data import turns as chat_turns
 from qlora_app.data.encoding import IGNORE, Encoded
-from qlora_app.data.sources import Records, check_messages, load_with
+from qlora_app.data.sources import Records, check_messages, load_with, require_columns
 from qlora_app.errors import UserError
 from qlora_app.recipe.schema import PREFERENCE_FORMATS, DataSpec
 
@@ -44,11 +44,7 @@ def detect_layout(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str
         raise UserError(f"{origin}: data.format '{wanted}' is not preference data, which train.method dpo/orpo "
                         f"needs: set data.format to auto or one of {', '.join(PREFERENCE_FORMATS)}")
     if wanted != "auto":
-        missing = [c for c in COLUMNS[wanted] if c not in record]
-        if missing:
-            raise UserError(f"{origin}: format '{wanted}' needs column(s) {', '.join(missing)}; columns found: "
-                            f"{columns}")
-        return wanted
+        return require_columns(wanted, COLUMNS[wanted], list(record), origin)
     if "chosen" not in record or "rejected" not in record:
         raise UserError(f"{origin}: no preference pairs in columns {columns} (expected {EXPECTED})")
     if isinstance(record["chosen"], list) and len(record["chosen"]) > 1:

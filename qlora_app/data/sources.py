@@ -90,11 +90,7 @@ def detect_format(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str
         raise UserError(f"{origin}: data.format '{wanted}' is preference data, which supervised fine-tuning cannot "
                         "learn from: set train.method: dpo (or orpo)")
     if wanted != "auto":
-        missing = [c for c in FORMAT_COLUMNS[wanted] if c not in columns]
-        if missing:
-            raise UserError(f"{origin}: format '{wanted}' needs column(s) {', '.join(missing)}; "
-                            f"columns found: {', '.join(columns)}")
-        return wanted
+        return require_columns(wanted, FORMAT_COLUMNS[wanted], columns, origin)
     for fmt, needed in FORMAT_COLUMNS.items():
         if all(c in columns for c in needed):
             return fmt
@@ -103,6 +99,15 @@ def detect_format(wanted: str, rows: list[tuple[str, dict]], origin: str) -> str
                         "train.method: dpo (or orpo)")
     expected = "; ".join(f"{fmt}: {'+'.join(cols)}" for fmt, cols in FORMAT_COLUMNS.items())
     raise UserError(f"{origin}: no known data format in columns {', '.join(columns)} (expected {expected})")
+
+
+def require_columns(fmt: str, needed: tuple[str, ...], columns: list[str], origin: str) -> str:
+    """The format a recipe names explicitly, once its columns are known to be there."""
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise UserError(f"{origin}: format '{fmt}' needs column(s) {', '.join(missing)}; columns found: "
+                        f"{', '.join(columns)}")
+    return fmt
 
 
 def normalize(rows: list[tuple[str, dict]], fmt: str, origin: str) -> Records:
