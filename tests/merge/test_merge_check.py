@@ -431,7 +431,9 @@ def test_the_merged_config_names_the_merge_dtype_and_stale_staging_is_cleared(un
     assert not stale.exists() and unrelated.is_dir()
 
 
-def test_a_preference_run_is_also_checked_on_its_held_out_pairs(untrained_run, capsys):
+@pytest.mark.parametrize("quantized", [True, False], ids=["qlora", "plain-lora"])
+def test_a_preference_run_is_also_checked_on_its_held_out_pairs(untrained_run, capsys, quantized):
+    """Against the adapter as trained: on the 4-bit base for QLoRA, on the original weights for plain LoRA."""
     import yaml
     from conftest import REPO
 
@@ -439,6 +441,8 @@ def test_a_preference_run_is_also_checked_on_its_held_out_pairs(untrained_run, c
     data = {**recipe["data"], "source": str(REPO / "data/tiny/capitals-prefs.jsonl"), "format": "auto",
             "eval_split": str(REPO / "data/tiny/capitals-prefs-eval.jsonl")}
     untrained_run.recipe_file.write_text(yaml.safe_dump({**recipe, "data": data,
+                                                         "quantization": {**recipe["quantization"],
+                                                                          "enabled": quantized},
                                                          "train": {**recipe["train"], "method": "dpo"}}))
     check = json.loads((stage.merge(untrained_run) / "merge_report.json").read_text())["verification"]
     assert check["examples"] == check["preference_pairs"] == 12
