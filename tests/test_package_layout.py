@@ -31,7 +31,7 @@ RANK = {unit: depth for depth, layer in enumerate(LAYERS) for unit in layer}
 DEFERRED = {"cli.py", "pipeline.py", "push.py", "chat.py", "train/stage.py", "train/launch.py", "train/rank.py",
             "merge/stage.py", "merge/verify.py", "serve/stage.py", "serve/target.py", "hub/card.py",
             "machine/doctor.py", "model/tiny.py", "plan/layout.py", "train/attention.py",
-            "eval/stage.py", "eval/generate.py"}
+            "eval/stage.py", "eval/generate.py", "train/preference.py"}
 
 
 def unit_of(module: str) -> str:
