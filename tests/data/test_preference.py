@@ -165,6 +165,17 @@ def test_each_bad_pair_is_one_user_error_naming_file_line_and_problem(tmp_path, 
     assert message.startswith(f"{path}:2: ") and fragment in message and "\n" not in message
 
 
+def test_train_of_bad_pairs_is_one_line_and_exit_2_before_any_run_directory(tmp_path):
+    from conftest import assert_one_line_error, cli_in_process
+
+    first, bad, fragment = BAD["identical"]
+    path = write(tmp_path / "p.jsonl", [first, bad, first, first])
+    result = cli_in_process("train", "tiny-orpo", "--runs-dir", str(tmp_path / "runs"), "--set",
+                            f"data.source={path}")
+    assert_one_line_error(result, f"{path}:2: ", fragment)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_data_without_preference_columns_says_what_it_found_and_what_is_expected(tmp_path):
     path = write(tmp_path / "m.jsonl", [{"messages": [user("q"), assistant("a")]}] * 4)
     with pytest.raises(UserError, match=r"no preference pairs in columns messages \(expected prompt, chosen and "
