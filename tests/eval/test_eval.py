@@ -13,6 +13,8 @@ from qlora_app.run.directory import RunDir
 
 API_KEY = "sk-eval-TESTKEYdoNotLeak"
 LOCAL_TASK = REPO / "data" / "tiny" / "capitals-choice.yaml"  # lm-eval's multiple choice over a local JSONL
+# The settings the module's eval runs with: lm-eval's two defaults (offline: skipped) and 20 of the local task's 40
+AS_RUN = (f"eval.tasks=[{LOCAL_TASK}, arc_easy, hellaswag]", "eval.task_limit=20")
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,7 @@ def evaluated(trained_run, tmp_path_factory):
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path_factory.mktemp("datasets-cache")),
                "QLORA_API_KEY": API_KEY}
     result = run_cli("eval", str(run.path), "--runs-dir", str(root),
-                     "--set", f"eval.tasks=[{LOCAL_TASK}, arc_easy, hellaswag]", "--set", "eval.task_limit=20",
-                     env=offline)
+                     *(arg for setting in AS_RUN for arg in ("--set", setting)), env=offline)
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
 
@@ -52,7 +53,7 @@ def test_eval_json_holds_every_answer_and_is_current_for_this_adapter_and_settin
     assert report["adapter_sha256"] == adapter_fingerprint(run)
     from qlora_app.recipe.loader import load_recipe
 
-    as_run = [f"eval.tasks=[{LOCAL_TASK}, arc_easy, hellaswag]"]
+    as_run = list(AS_RUN)
     assert is_current(run, load_recipe(str(run.recipe_file), as_run))
     assert not is_current(run, load_recipe(str(run.recipe_file), [*as_run, "eval.limit=5"]))
     assert not is_current(run, run.recipe())  # other general tasks
@@ -67,7 +68,7 @@ def test_the_table_and_the_worst_examples_are_printed(evaluated):
 def test_the_local_lm_eval_task_runs_on_base_and_tuned_through_the_server(evaluated):
     general = json.loads(evaluated[0].eval_report.read_text())["general"]
     task = general["tasks"]["tiny_capitals_choice"]
-    assert task["metric"] == "acc" and task["examples"] == 20  # eval.task_limit of the 40
+    assert task["metric"] == "acc" and task["examples"] == 20  # eval.task_limit
     assert task["base"] <= 0.5 and task["tuned"] >= 0.8, task  # four choices: chance is 0.25
     assert task["delta"] == pytest.approx(task["tuned"] - task["base"]) and 0 < task["stderr"] < 0.2
     assert "general skills (lm-evaluation-harness)" in evaluated[1].stdout
