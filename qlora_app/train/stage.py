@@ -365,16 +365,10 @@ def training_arguments(recipe: Recipe, run: RunDir) -> dict:
 
 
 def tokens_per_step(trainer, recipe: Recipe) -> float:
-    lengths = sequence_lengths(trainer.train_dataset)
+    from qlora_app.train.outputs import sequences_of_rows
+
+    lengths = [sum(row) for row in sequences_of_rows(trainer.train_dataset)]
     return sum(lengths) / len(lengths) * recipe.train.batch_size * recipe.train.grad_accum
-
-
-def sequence_lengths(dataset) -> list[int]:
-    """Tokens of each row as trained: a sequence, or a pair's two (prompt + chosen, prompt + rejected)."""
-    if "input_ids" in dataset.column_names:
-        return [len(ids) for ids in dataset["input_ids"]]
-    return [2 * len(p) + len(c) + len(r)
-            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 def initial_manifest(recipe: Recipe, run: RunDir, data: PreparedData, tokenizer) -> dict:
