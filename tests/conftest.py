@@ -128,6 +128,24 @@ def trained_run(tmp_path_factory, tiny_model_dir) -> TrainedRun:
     return TrainedRun((root / "tiny" / "latest").resolve(), result.stdout, result.stderr)
 
 
+def interrupted_copy_of(run_path: Path, root: Path, data_name: str):
+    """A copy of a run under root/<recipe>/, marked interrupted, reading a copy of data/tiny/<data_name> of its
+    own (a test may change it without touching the repository's)."""
+    import shutil
+
+    from qlora_app.machine.atomic import write_json_atomic
+    from qlora_app.recipe.loader import dump_recipe
+    from qlora_app.run.directory import RunDir
+
+    run = RunDir(root / run_path.parent.name / run_path.name)
+    shutil.copytree(run_path, run.path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
+    data = root / data_name
+    shutil.copy(REPO / "data" / "tiny" / data_name, data)
+    run.recipe_file.write_text(dump_recipe(run.recipe().with_section("data", source=str(data))))
+    write_json_atomic(run.manifest, {**run.read_manifest(), "status": "interrupted"})
+    return run
+
+
 def tiny_facts(name: str = "capitals.jsonl") -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in (REPO / "data" / "tiny" / name).read_text().splitlines() if line.strip()]
     return [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows]

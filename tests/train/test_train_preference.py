@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, interrupted_copy_of, run_cli
 
 from qlora_app.errors import UserError
 from qlora_app.machine.atomic import write_json_atomic
@@ -246,17 +246,7 @@ def test_sigkill_mid_dpo_run_resumes_loss_for_loss(dpo_run, trained_run, tmp_pat
 @pytest.fixture()
 def interrupted_dpo_copy(dpo_run, tmp_path) -> RunDir:
     """A copy of the module's DPO run marked interrupted, its pairs a copy of the tiny pairs of its own."""
-    import shutil
-
-    from qlora_app.recipe.loader import dump_recipe
-
-    run = RunDir(tmp_path / "tiny-dpo" / dpo_run[0].path.name)
-    shutil.copytree(dpo_run[0].path, run.path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
-    data = tmp_path / "pairs.jsonl"
-    shutil.copy(REPO / "data" / "tiny" / "capitals-prefs.jsonl", data)
-    run.recipe_file.write_text(dump_recipe(run.recipe().with_section("data", source=str(data))))
-    write_json_atomic(run.manifest, {**run.read_manifest(), "status": "interrupted"})
-    return run
+    return interrupted_copy_of(dpo_run[0].path, tmp_path, "capitals-prefs.jsonl")
 
 
 @pytest.mark.slow

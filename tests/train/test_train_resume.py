@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, interrupted_copy_of, run_cli
 
 from qlora_app.recipe.loader import load_recipe
 from qlora_app.run.directory import RunDir, checkpoint_step
@@ -112,18 +112,7 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path):
 @pytest.fixture()
 def interrupted_copy(trained_run, tmp_path) -> RunDir:
     """A copy of the session's run marked interrupted, its data a copy of the tiny data of its own."""
-    from qlora_app.machine.atomic import write_json_atomic
-    from qlora_app.recipe.loader import dump_recipe
-
-    path = tmp_path / "tiny" / trained_run.path.name
-    shutil.copytree(trained_run.path, path, ignore=shutil.ignore_patterns("merged", "tensorboard"))
-    data = tmp_path / "capitals.jsonl"
-    shutil.copy(REPO / "data" / "tiny" / "capitals.jsonl", data)
-    run = RunDir(path)
-    recipe = run.recipe()
-    run.recipe_file.write_text(dump_recipe(recipe.with_section("data", source=str(data))))
-    write_json_atomic(run.manifest, {**run.read_manifest(), "status": "interrupted"})
-    return run
+    return interrupted_copy_of(trained_run.path, tmp_path, "capitals.jsonl")
 
 
 @pytest.mark.slow
